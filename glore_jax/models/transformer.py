@@ -1,0 +1,155 @@
+"""The shared backbone and its heads, as one pure-functional flax.linen module.
+
+Params layout (float32), with L layers stacked on a leading 'layers' axis:
+  backbone/embedding              [V, E]
+  backbone/layers/attn/{q,k,v,o}  [L, E, H|KVH, D] / [L, H, D, E]
+  backbone/layers/mlp/{gate,up}   [L, E, F];  down [L, F, E]
+  backbone/layers/{attn,mlp}_norm/scale [L, E]
+  backbone/final_norm/scale       [E]
+  lm_head/kernel                  [E, V]   (absent when embeddings are tied)
+  value_head/{kernel [E], bias []}
+
+The KV cache is an explicit `KVCache` pytree passed in and returned, never a
+mutable flax collection, so samplers can donate it and shard it like any array.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from glore_jax.models.config import ModelConfig
+from glore_jax.models.layers import RMSNorm, Block, param
+from glore_jax.sharding import constrain
+
+CACHE_AXES = ("layers", "activation_batch", "cache_length", "activation_kv_heads", "activation_head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values for every layer plus the position held in each slot (-1 = empty).
+
+    k, v: [L, B, S, KVH, D] in the compute dtype; pos: [B, S] int32.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, config.compute_dtype), v=jnp.zeros(shape, config.compute_dtype),
+                   pos=jnp.full((batch, length), -1, jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.pos.shape[1]
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    hidden: jax.Array                 # [B, T, E] final-normed hidden states
+    logits: jax.Array | None = None   # [B, T, V] float32
+    values: jax.Array | None = None   # [B, T] float32 value logits (sigmoid -> P(correct))
+    cache: KVCache | None = None
+
+
+class Backbone(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embedding = param(self, "embedding", (c.vocab_size, c.embed_dim), ("vocab", "embed"))
+        block = nn.remat(Block) if c.remat else Block
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c)
+        self.final_norm = RMSNorm(c.norm_eps, c.compute_dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 cache: KVCache | None, cache_index: jax.Array | None):
+        c = self.config
+        x = jnp.take(self.embedding, tokens, axis=0).astype(c.compute_dtype)
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        if cache is None:
+            k_pos, k_seg, kv = positions, segment_ids, None
+        else:
+            if segment_ids is not None:
+                raise ValueError("Packed segments are a training-time layout; they cannot use a KV cache")
+            k_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, positions.astype(jnp.int32),
+                                                        cache_index, axis=1)
+            k_seg, kv = None, (cache.k, cache.v)
+        x, kv = self.layers(x, kv, positions, k_pos, segment_ids, k_seg, cache_index)
+        x = self.final_norm(x)
+        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], pos=k_pos)
+        return x, new_cache
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied-embedding logits: hidden [B, T, E] -> float32 [B, T, V]."""
+        return jnp.einsum("bte,ve->btv", x, self.embedding.astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class LanguageModel(nn.Module):
+    """Backbone plus the heads named in `config.heads`."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 cache_index: jax.Array | int | None = None, *, want_logits: bool = True,
+                 want_values: bool = True) -> ModelOutput:
+        """tokens, positions, segment_ids: [B, T] int. Padding tokens get position -1.
+
+        With a cache, this call's tokens are written at slot `cache_index` and
+        attend to every filled slot at or before their own position.
+        """
+        c = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        if cache is not None and cache_index is None:
+            raise ValueError("cache_index is required when a cache is given")
+        cache_index = None if cache is None else jnp.asarray(cache_index, jnp.int32)
+        backbone = Backbone(c, name="backbone")
+        hidden, cache = backbone(tokens, positions, segment_ids, cache, cache_index)
+        logits = values = None
+        if "lm" in c.heads and (want_logits or self.is_initializing()):
+            logits = backbone.attend(hidden) if c.tie_embeddings else LMHead(c, name="lm_head")(hidden)
+            logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        if "value" in c.heads and (want_values or self.is_initializing()):
+            values = ValueHead(c, name="value_head")(hidden)
+        return ModelOutput(hidden=hidden, logits=logits, values=values, cache=cache)
+
+
+class LMHead(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        c = self.config
+        kernel = param(self, "kernel", (c.embed_dim, c.vocab_size), ("embed", "vocab"))
+        return jnp.einsum("bte,ev->btv", hidden, kernel.astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class ValueHead(nn.Module):
+    """A scalar per token: the logit of P(final answer correct | prefix)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        c = self.config
+        kernel = param(self, "kernel", (c.embed_dim,), ("embed",))
+        bias = param(self, "bias", (), (), nn.initializers.zeros)
+        return jnp.einsum("bte,e->bt", hidden, kernel.astype(hidden.dtype),
+                          preferred_element_type=jnp.float32) + bias

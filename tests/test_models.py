@@ -1,0 +1,179 @@
+"""Backbone, heads, KV cache and sharding of glore_jax.models."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glore_jax import models as M
+from glore_jax import sharding as shd
+
+TINY = M.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return M.init_params(TINY, jax.random.key(0))
+
+
+def _tokens(b=4, t=12, seed=1):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, TINY.vocab_size)
+
+
+def test_llama2_13b_abstract_param_count_and_shardings():
+    cfg = M.preset("llama2_13b")
+    abstract = nn.unbox(M.abstract_params(cfg))  # eval_shape: no memory allocated
+    n = M.count_params(abstract)
+    assert abs(n - 13.0e9) / 13.0e9 < 0.01, n
+    mesh = shd.make_mesh((2, 2, 2))
+    shardings = M.param_shardings(cfg, mesh)  # raises if any dim is not divisible
+    for s, x in zip(jax.tree_util.tree_leaves(shardings), jax.tree_util.tree_leaves(abstract)):
+        assert s.shard_shape(x.shape)  # valid for this shape on this mesh
+    q = shardings["backbone"]["layers"]["attn"]["q"]
+    assert q.shard_shape((40, 5120, 40, 128)) == (40, 2560, 20, 128)
+
+
+def test_param_specs_follow_rules_table(params):
+    mesh = shd.make_mesh((2, 2, 2))
+    sharded = M.shard_params(TINY, params, mesh)
+    spec = lambda *names: shd.logical_to_spec(names)
+    layers = sharded["backbone"]["layers"]
+    assert sharded["backbone"]["embedding"].sharding.spec == spec("vocab", "embed")
+    assert layers["attn"]["q"].sharding.spec == spec("layers", "embed", "heads", "head_dim")
+    assert layers["attn"]["k"].sharding.spec == spec("layers", "embed", "kv_heads", "head_dim")
+    assert layers["attn"]["o"].sharding.spec == spec("layers", "heads", "head_dim", "embed")
+    assert layers["mlp"]["gate"].sharding.spec == spec("layers", "embed", "mlp")
+    assert layers["mlp"]["down"].sharding.spec == spec("layers", "mlp", "embed")
+    # and the table really splits them: tensor over heads, fsdp over embed
+    assert layers["attn"]["q"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+
+
+def test_init_on_mesh_places_shards(params):
+    mesh = shd.make_mesh((2, 2, 2))
+    p = M.init_params(TINY, jax.random.key(0), mesh)
+    assert p["backbone"]["layers"]["mlp"]["up"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor")
+    np.testing.assert_allclose(p["lm_head"]["kernel"], params["lm_head"]["kernel"], atol=0)
+
+
+def test_sharded_forward_matches_single_device(params):
+    tokens = _tokens(8, 16)
+    positions = jnp.broadcast_to(jnp.arange(16), tokens.shape)
+    ref = M.policy_logits(TINY, params, tokens)
+    mesh = shd.make_mesh((2, 2, 2))
+    fwd = M.make_forward(TINY, mesh)
+    out = fwd(M.shard_params(TINY, params, mesh), tokens, positions)
+    assert out.sharding.spec == shd.logical_to_spec(("activation_batch", "activation_length", "activation_vocab"))
+    assert len(out.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
+
+
+def test_incremental_decode_with_cache_matches_full_forward(params):
+    tokens = _tokens(3, 10)
+    full = M.policy_logits(TINY, params, tokens)
+    cache = M.KVCache.empty(TINY, batch=3, length=16)
+    step = jax.jit(lambda p, t, pos, c, i: M.apply(TINY, p, t, pos, cache=c, cache_index=i))
+    pos = jnp.broadcast_to(jnp.arange(4), (3, 4))
+    out = step(params, tokens[:, :4], pos, cache, 0)
+    got = [out.logits]
+    cache = out.cache
+    for i in range(4, 10):
+        out = step(params, tokens[:, i:i + 1], jnp.full((3, 1), i), cache, i)
+        cache = out.cache
+        got.append(out.logits)
+    np.testing.assert_allclose(np.concatenate(got, axis=1), np.asarray(full), atol=2e-5, rtol=1e-5)
+    assert (np.asarray(cache.pos)[:, 10:] == -1).all() and (np.asarray(cache.pos)[:, :10] >= 0).all()
+
+
+def test_padding_is_invisible(params):
+    """Right-padded rows give the same logits on their real tokens as unpadded rows."""
+    tokens = _tokens(2, 8)
+    ref = M.policy_logits(TINY, params, tokens[:, :5])
+    mask = jnp.arange(8)[None, :] < 5
+    pos = M.positions_from_mask(jnp.broadcast_to(mask, (2, 8)))
+    garbage = jnp.where(mask, tokens, 7)
+    out = M.apply(TINY, params, garbage, pos).logits[:, :5]
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+def test_packed_segments_do_not_attend_across(params):
+    a, b = _tokens(1, 6, seed=2), _tokens(1, 5, seed=3)
+    packed = jnp.concatenate([a, b], axis=1)
+    seg = jnp.array([[0] * 6 + [1] * 5])
+    pos = jnp.array([list(range(6)) + list(range(5))])
+    out = M.apply(TINY, params, packed, pos, seg).logits
+    np.testing.assert_allclose(out[:, 6:], M.policy_logits(TINY, params, b), atol=2e-5)
+    np.testing.assert_allclose(out[:, :6], M.policy_logits(TINY, params, a), atol=2e-5)
+
+
+def test_sliding_window_limits_attention():
+    cfg = TINY.replace(sliding_window=3)
+    p = M.init_params(cfg, jax.random.key(0))
+    tokens = _tokens(1, 8)
+    base = M.policy_logits(cfg, p, tokens)
+    changed = M.policy_logits(cfg, p, tokens.at[0, 0].set((tokens[0, 0] + 1) % cfg.vocab_size))
+    # With 2 layers and window 3 the first token reaches at most position 4.
+    assert not np.allclose(base[0, 1:3], changed[0, 1:3])
+    np.testing.assert_allclose(base[0, 5:], changed[0, 5:], atol=1e-6)
+
+
+def test_bfloat16_compute_is_close_and_params_stay_float32(params):
+    cfg = TINY.replace(dtype="bfloat16")
+    tokens = _tokens()
+    out = M.policy_logits(cfg, params, tokens)
+    assert out.dtype == jnp.float32
+    ref = M.policy_logits(TINY, params, tokens)
+    assert float(jnp.max(jnp.abs(out - ref))) < 0.05
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(M.init_params(cfg, jax.random.key(0))))
+
+
+def test_tied_embeddings_have_no_lm_head():
+    cfg = TINY.replace(tie_embeddings=True)
+    p = M.init_params(cfg, jax.random.key(0))
+    assert "lm_head" not in p
+    h = M.apply(cfg, p, _tokens()).hidden
+    np.testing.assert_allclose(M.policy_logits(cfg, p, _tokens()),
+                               jnp.einsum("bte,ve->btv", h, p["backbone"]["embedding"]), atol=1e-5)
+
+
+def test_value_head_shape_and_shared_backbone(params):
+    tokens = _tokens(3, 7)
+    cfg_shared, shared = M.value_model_from_policy(TINY, params, jax.random.key(5), share_backbone=True)
+    assert cfg_shared.heads == ("lm", "value")
+    assert shared["backbone"] is params["backbone"]
+    v = M.value_scores(cfg_shared, shared, tokens)
+    assert v.shape == (3, 7) and v.dtype == jnp.float32
+    out = M.apply(cfg_shared, shared, tokens)
+    np.testing.assert_allclose(out.logits, M.policy_logits(TINY, params, tokens), atol=1e-6)
+    # value = head applied to the *same* hidden states the policy reads
+    w, b = shared["value_head"]["kernel"], shared["value_head"]["bias"]
+    np.testing.assert_allclose(v, out.hidden @ w + b, atol=1e-5)
+    # perturbing the shared backbone moves both heads
+    bumped = jax.tree_util.tree_map(lambda x: x * 1.1, shared["backbone"])
+    out2 = M.apply(cfg_shared, {**shared, "backbone": bumped}, tokens)
+    assert not np.allclose(out2.values, out.values) and not np.allclose(out2.logits, out.logits)
+
+
+def test_value_model_with_own_backbone_copy(params):
+    cfg_v, vparams = M.value_model_from_policy(TINY, params, jax.random.key(5))
+    assert cfg_v.heads == ("value",) and set(vparams) == {"backbone", "value_head"}
+    assert vparams["backbone"]["embedding"] is not params["backbone"]["embedding"]
+    np.testing.assert_array_equal(vparams["backbone"]["embedding"], params["backbone"]["embedding"])
+    assert M.value_scores(cfg_v, vparams, _tokens(2, 5)).shape == (2, 5)
+    with pytest.raises(ValueError, match="'lm' head"):
+        M.policy_logits(cfg_v, vparams, _tokens(2, 5))
+
+
+def test_bad_configs_and_meshes_raise_clearly():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        TINY.replace(num_kv_heads=3)
+    with pytest.raises(ValueError, match="Unknown model preset 'nope'"):
+        M.preset("nope")
+    with pytest.raises(ValueError, match="At most one mesh axis"):
+        shd.make_mesh((-1, -1, 2))
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        shd.make_mesh((2, 2, 3))
+    assert dict(shd.make_mesh((1, -1, 2)).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    with pytest.raises(ValueError, match="cannot be split"):
+        M.param_shardings(TINY.replace(num_kv_heads=1), shd.make_mesh((1, 1, 8)))
