@@ -1,0 +1,154 @@
+"""The jitted sampler: exactness against argmax loops and transformers, sharding, stops, rollouts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glore_jax import convert
+from glore_jax import models as M
+from glore_jax import sampling as S
+from glore_jax import sharding as shd
+from tests.hf_reference import make_tiny_hf_llama
+
+TINY = M.preset("tiny")
+PROMPTS = [[5, 17, 200, 3], [9], [44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54], [100, 101]]
+
+
+@pytest.fixture(scope="module")
+def params():
+    # Widen the random init so greedy choices are not near-ties.
+    p = M.init_params(TINY, jax.random.key(0))
+    return jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim > 1 else x, p)
+
+
+def _argmax_loop(config, params, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(jnp.argmax(M.policy_logits(config, params, jnp.array([seq]))[0, -1])))
+    return seq[len(prompt):]
+
+
+def test_greedy_equals_argmax_loop_on_ragged_prompts(params):
+    out = S.generate(TINY, params, PROMPTS, 12)
+    assert out == [_argmax_loop(TINY, params, p, 12) for p in PROMPTS]
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    import torch
+    hf = make_tiny_hf_llama(tmp_path, tie=False, seed=1)
+    cfg, params = convert.from_hf(str(tmp_path))
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])   # left-padded, as HF expects
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)[:, width:].tolist()
+    ours = S.generate(cfg, params, PROMPTS, 16)
+    assert ours == ref
+
+
+def test_same_results_on_one_device_and_eight_device_mesh(params):
+    mesh = shd.make_mesh((2, 2, 2))
+    sharded = M.shard_params(TINY, params, mesh)
+    for temperature in (0.0, 1.0):
+        one = S.generate(TINY, params, PROMPTS, 10, temperature=temperature, seed=4)
+        eight = S.generate(TINY, sharded, PROMPTS, 10, temperature=temperature, seed=4, mesh=mesh)
+        assert one == eight
+    sampler = S.sampler_for(TINY, mesh)
+    toks, lens = S.pad_prompts(PROMPTS * 2, TINY.vocab_size, rows=8, length=16)
+    state = sampler.sample(sharded, toks, lens, max_new=8, strategy=S.SamplingStrategy(),
+                           stop=S.StopCondition())
+    assert state.tokens.sharding.spec == shd.logical_to_spec(("activation_batch", None))
+    assert len(state.cache.k.sharding.device_set) == 8
+
+
+def test_top_k_and_top_p_never_leave_the_allowed_set():
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.06, 0.04]] * 4000))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    cases = {S.SamplingStrategy(temperature=1.0, top_k=2): {0, 1},
+             S.SamplingStrategy(temperature=1.0, top_p=0.7): {0, 1},     # 0.5 < 0.7 <= 0.75
+             S.SamplingStrategy(temperature=1.0, top_p=0.8): {0, 1, 2},
+             S.SamplingStrategy(temperature=2.0, top_k=3, top_p=0.99): {0, 1, 2}}
+    for strategy, allowed in cases.items():
+        tokens, _ = S.select(logits, keys, strategy)
+        seen = set(np.asarray(tokens).tolist())
+        assert seen == allowed, (strategy, seen)
+    # renormalised frequencies within the kept set: 0.5 / 0.75 for token 0 under top_k=2
+    tokens, _ = S.select(logits, keys, S.SamplingStrategy(temperature=1.0, top_k=2))
+    assert abs(np.mean(np.asarray(tokens) == 0) - 2 / 3) < 0.03
+
+
+def test_temperature_sampling_is_reproducible_per_seed(params):
+    a = S.generate(TINY, params, PROMPTS, 10, temperature=1.0, seed=7)
+    b = S.generate(TINY, params, PROMPTS, 10, temperature=1.0, seed=7)
+    c = S.generate(TINY, params, PROMPTS, 10, temperature=1.0, seed=8)
+    assert a == b and a != c
+
+
+def test_eos_stops_each_row_independently(params):
+    free = S.generate(TINY, params, PROMPTS, 12)
+    eos = free[0][4]
+    first = [row.index(eos) if eos in row else None for row in free]
+    out = S.generate(TINY, params, PROMPTS, 12, eos_id=eos)
+    for row, f, stop_at in zip(out, free, first):
+        if stop_at is None:
+            assert row == f
+        else:
+            assert row == f[:stop_at + 1] and row[-1] == eos
+    assert len(out[0]) == first[0] + 1 < 12 and any(len(r) == 12 for r in out)
+
+
+def test_logprobs_are_the_models(params):
+    sampler = S.sampler_for(TINY)
+    toks, lens = S.pad_prompts(PROMPTS, TINY.vocab_size, rows=4, length=16)
+    st = sampler.sample(params, toks, lens, max_new=4, strategy=S.SamplingStrategy(temperature=1.0),
+                        stop=S.StopCondition(), seed=1)
+    seq = PROMPTS[0] + np.asarray(st.tokens[0]).tolist()
+    ref = jax.nn.log_softmax(M.policy_logits(TINY, params, jnp.array([seq]))[0], -1)
+    want = [ref[len(PROMPTS[0]) - 1 + i, seq[len(PROMPTS[0]) + i]] for i in range(4)]
+    np.testing.assert_allclose(np.asarray(st.logprobs[0]), want, atol=1e-4)
+
+
+def test_prefix_shared_rollouts_equal_unshared(params):
+    sampler = S.sampler_for(TINY)
+    toks, lens = S.pad_prompts(PROMPTS, TINY.vocab_size, rows=4, length=16)
+    kw = dict(k=8, max_new=12, strategy=S.SamplingStrategy(temperature=1.0, top_p=0.95),
+              stop=S.StopCondition(eos_id=7), seed=3)
+    shared = sampler.rollouts(params, toks, lens, share_prefix=True, **kw)
+    naive = sampler.rollouts(params, toks, lens, share_prefix=False, **kw)
+    assert S.unpad(shared, 32) == S.unpad(naive, 32)
+    rows = S.unpad(shared, 32)
+    assert len({tuple(r) for r in rows[:8]}) > 1  # K rollouts of one prefix differ
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (every jit cache miss ends in one)."""
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+def test_no_recompilation_for_same_buckets(params):
+    counter = CompileCounter()
+    S.generate(TINY, params, [[1, 2, 3]] * 3, 9)
+    before = counter.count
+    S.generate(TINY, params, [[4, 5], [6, 7, 8, 9], [1], [2]], 12, seed=1)   # same buckets: 4 rows, 16, 16
+    S.generate(TINY, params, [[1] * 15, [2], [3]], 16, seed=2, temperature=0.0)
+    assert counter.count == before
+    S.generate(TINY, params, [[1] * 40], 16)                           # a new prompt bucket compiles
+    assert counter.count > before
+
+
+def test_bad_prompts_raise():
+    with pytest.raises(ValueError, match="at least one prompt"):
+        S.pad_prompts([], 10, rows=1, length=4)
+    with pytest.raises(ValueError, match="outside"):
+        S.pad_prompts([[1, 300]], 256, rows=1, length=4)
+    with pytest.raises(ValueError, match="empty"):
+        S.pad_prompts([[]], 256, rows=1, length=4)
