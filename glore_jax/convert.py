@@ -129,6 +129,48 @@ def from_hf(hf_dir: str) -> tuple[ModelConfig, dict[str, Any]]:
     return cfg, params
 
 
+def to_hf(config: ModelConfig, params: dict[str, Any], out_dir: str) -> None:
+    """Writes a Hugging Face `LlamaForCausalLM` directory (config.json + model.safetensors).
+
+    The inverse of `from_hf`, for exporting trained policies and for parity
+    checks and benchmarks against `transformers`.
+    """
+    from safetensors.numpy import save_file
+    if "lm" not in config.heads:
+        raise ValueError(f"Only models with an 'lm' head export to LlamaForCausalLM; heads={config.heads}")
+    check_params(config, params)
+    c, bb = config, params["backbone"]
+    f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
+    tensors = {"model.embed_tokens.weight": f32(bb["embedding"]), "model.norm.weight": f32(bb["final_norm"]["scale"])}
+    lay = bb["layers"]
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        tensors[p + "self_attn.q_proj.weight"] = f32(lay["attn"]["q"][i].reshape(c.embed_dim, -1).T)
+        tensors[p + "self_attn.k_proj.weight"] = f32(lay["attn"]["k"][i].reshape(c.embed_dim, -1).T)
+        tensors[p + "self_attn.v_proj.weight"] = f32(lay["attn"]["v"][i].reshape(c.embed_dim, -1).T)
+        tensors[p + "self_attn.o_proj.weight"] = f32(lay["attn"]["o"][i].reshape(-1, c.embed_dim).T)
+        for name in ("gate", "up", "down"):
+            tensors[p + f"mlp.{name}_proj.weight"] = f32(lay["mlp"][name][i].T)
+        tensors[p + "input_layernorm.weight"] = f32(lay["attn_norm"]["scale"][i])
+        tensors[p + "post_attention_layernorm.weight"] = f32(lay["mlp_norm"]["scale"][i])
+    if not c.tie_embeddings:
+        tensors["lm_head.weight"] = f32(params["lm_head"]["kernel"].T)
+    hf_config = {
+        "architectures": ["MistralForCausalLM" if c.sliding_window else "LlamaForCausalLM"],
+        "model_type": "mistral" if c.sliding_window else "llama",
+        "vocab_size": c.vocab_size, "hidden_size": c.embed_dim, "intermediate_size": c.mlp_dim,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings,
+        "max_position_embeddings": 4096, "torch_dtype": "float32",
+        **({"sliding_window": c.sliding_window} if c.sliding_window else {}),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json + safetensors).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the saved model.")
 

@@ -97,3 +97,18 @@ def test_missing_tensor_is_named(tmp_path, hf_dir):
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
     with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
         convert.from_hf(str(tmp_path))
+
+
+def test_export_to_hf_round_trips_with_parity(tmp_path):
+    import transformers
+    cfg = M.preset("tiny")
+    params = M.init_params(cfg, jax.random.key(3))
+    params = jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
+    convert.to_hf(cfg, params, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 19))
+    ours = np.asarray(M.policy_logits(cfg, params, tokens))
+    assert np.max(np.abs(ours - _hf_logits(hf, tokens))) <= 1e-4
+    cfg2, params2 = convert.from_hf(str(tmp_path))
+    assert cfg2 == cfg
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, jax.tree_util.tree_map(np.asarray, params))

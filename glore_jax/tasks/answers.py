@@ -12,14 +12,16 @@ import re
 from fractions import Fraction
 
 # GSM8K uses "#### N"; few-shot style prompts end with "The answer is N".
-_HASH_RE = re.compile(r"####\s*(.*)")
-_ANSWER_IS_RE = re.compile(r"the answer is[:\s]*(.*)", re.IGNORECASE)
+# The capture is the first chunk after the marker, a `$` allowed before it.
+_HASH_RE = re.compile(r"####[ \t]*(\$?[ \t]*[^\s]*)")
+_ANSWER_IS_RE = re.compile(r"the answer is[: \t]*(\$?[ \t]*[^\s]*)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)$")
 _FRACTION_RE = re.compile(r"^([-+]?)(\d+)\s*/\s*(\d+)$")
 _MAX_DIGITS = 40
-# Gold answers from SVAMP are floats such as 3.3333333333; an exact
-# comparison would reject the model's equally valid "10/3".
-_REL_TOL = Fraction(1, 10**6)
+# Gold answers from SVAMP are rounded floats such as 3.3333333333; an exact
+# comparison would reject the model's equally valid "10/3". A number written
+# with this many decimals or more is taken as rounded in its last place.
+_ROUNDED_DECIMALS = 4
 
 
 def parse_number(text: str | None) -> Fraction | None:
@@ -62,12 +64,9 @@ def normalize_number(text: str) -> str | None:
     return None if value is None else format_number(value)
 
 
-def _first_number_text(tail: str) -> str:
-    # "#### 18 dollars" or "The answer is 18." : the answer is the first
-    # whitespace-delimited chunk, with `$` allowed to be separated by a space.
-    tail = tail.strip().lstrip("$").strip()
-    chunk = tail.split()[0] if tail.split() else ""
-    return chunk.rstrip(".")
+def _decimals(text: str) -> int:
+    cleaned = text.strip().rstrip(".%")
+    return len(cleaned.split(".", 1)[1]) if "." in cleaned and "/" not in cleaned else 0
 
 
 def extract_answer(solution: str) -> str | None:
@@ -77,7 +76,8 @@ def extract_answer(solution: str) -> str | None:
     for pattern in (_HASH_RE, _ANSWER_IS_RE):
         matches = list(pattern.finditer(solution))
         if matches:
-            found = _first_number_text(matches[-1].group(1).splitlines()[0] if matches[-1].group(1) else "")
+            # "18." ending a sentence is 18; "$ 18" is 18.
+            found = matches[-1].group(1).lstrip("$").strip().rstrip(".")
             return found or None
     return None
 
@@ -90,7 +90,8 @@ def answers_match(predicted: str | None, gold: str | None) -> bool:
             return False
         if pred_value == gold_value:
             return True
-        return abs(pred_value - gold_value) <= _REL_TOL * max(1, abs(gold_value))
+        decimals = max(_decimals(predicted), _decimals(gold))
+        return decimals >= _ROUNDED_DECIMALS and abs(pred_value - gold_value) <= Fraction(1, 10**decimals)
     except (ValueError, OverflowError, ZeroDivisionError, TypeError):
         return False
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-_FINAL_RE = re.compile(r"^\s*(####|the answer is\b)", re.IGNORECASE)
+_HASH_FINAL_RE = re.compile(r"^\s*####")
+_ANSWER_IS_FINAL_RE = re.compile(r"^\s*the answer is\b", re.IGNORECASE)
 # `<<expr=value>>`; the value may carry a stray unit or `$`, which the
 # step checker rejects later rather than here.
 ANNOTATION_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
@@ -34,8 +35,10 @@ class SolutionLines:
     spans: tuple[tuple[int, int], ...]
 
 
-def is_final_line(line: str) -> bool:
-    return bool(_FINAL_RE.match(line))
+def is_final_line(line: str, *, has_hash_line: bool = True) -> bool:
+    """`#### N` lines are final; "The answer is N" only in solutions without one
+    (a few GSM8K references say "The answer is <<8=8>>8." as a step before `####`)."""
+    return bool(_HASH_FINAL_RE.match(line) or (not has_hash_line and _ANSWER_IS_FINAL_RE.match(line)))
 
 
 def solution_lines(solution: str) -> SolutionLines:
@@ -47,6 +50,7 @@ def solution_lines(solution: str) -> SolutionLines:
     spans: list[tuple[int, int]] = []
     final = None
     offset = 0
+    has_hash_line = any(_HASH_FINAL_RE.match(line) for line in solution.split("\n"))
     for raw in solution.split("\n"):
         stripped = raw.strip()
         start = offset + (len(raw) - len(raw.lstrip()))
@@ -55,7 +59,7 @@ def solution_lines(solution: str) -> SolutionLines:
         if not stripped:
             continue
         spans.append((start, end))
-        if is_final_line(stripped):
+        if is_final_line(stripped, has_hash_line=has_hash_line):
             final = stripped
             break
         steps.append(stripped)

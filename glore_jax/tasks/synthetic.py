@@ -163,13 +163,18 @@ def inject_error(meta: Mapping[str, Any], index: int, kind: str, rng: random.Ran
     kind: 'arithmetic' (step `index` miscomputes its result), 'carry' (it
     starts from a wrong carried value, computing correctly from it), or
     'drop' (it is missing). Later steps carry the resulting wrong value with
-    correct arithmetic, the way a real model's error propagates.
+    correct arithmetic, the way a real model's error propagates. Dropping a
+    step whose successor repeats its operation and operand would look like
+    dropping the successor, so that case raises ValueError.
     """
     steps = meta["steps"]
     if not 0 <= index < len(steps):
         raise ValueError(f"step index {index} out of range for {len(steps)} steps")
     if kind not in ERROR_KINDS:
         raise ValueError(f"unknown error kind {kind!r}; expected one of {ERROR_KINDS}")
+    if (kind == "drop" and index + 1 < len(steps)
+            and (steps[index]["op"], steps[index]["b"]) == (steps[index + 1]["op"], steps[index + 1]["b"])):
+        raise ValueError(f"dropping step {index} is indistinguishable from dropping step {index + 1}")
     delta = rng.choice([-1, 1]) * rng.choice([1, 2, 3, 9, 10, 11, 100])
     lines, carried = [], Fraction(steps[0]["a"])
     for i, step in enumerate(steps):

@@ -1,0 +1,178 @@
+"""Sampler throughput against transformers' generate, a no-cache baseline, and naive rollouts.
+
+    python benchmarks/sampling.py --quick --out sampling.json
+
+Everything is measured side by side in one process, on the `demo` preset with
+random weights exported to a `transformers` LlamaForCausalLM (same weights,
+float32, greedy, KV cache on). Each figure is the median of several timed
+runs after a warm-up (compilation is excluded for JAX; HF has no compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glore_jax import convert
+from glore_jax import models as M
+from glore_jax import sampling as S
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "mistral-7b-v0.1" / "tokenizer.model"
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up / compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _prompts(rng, batch, length, vocab):
+    return rng.integers(3, vocab, (batch, length)).astype(np.int32)
+
+
+def gsm8k_prefix_lengths(n: int) -> list[int]:
+    """Token lengths of real GSM8K question + half-solution prefixes (LLaMA-2 tokenizer scheme)."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    lengths = []
+    with open(GSM8K_TEST) as f:
+        for line in f:
+            ex = json.loads(line)
+            steps = ex["answer"].split("\n")
+            prefix = ex["question"] + "\n" + "\n".join(steps[: max(1, len(steps) // 2)])
+            lengths.append(len(sp.encode(prefix)) + 1)
+            if len(lengths) == n:
+                break
+    return lengths
+
+
+def bench_ours_decode(cfg, params, batch, prompt_len, new, repeats):
+    sampler = S.sampler_for(cfg)
+    toks = _prompts(np.random.default_rng(batch), batch, prompt_len, cfg.vocab_size)
+    lens = np.full((batch,), prompt_len, np.int32)
+    run = lambda: sampler.sample(params, toks, lens, max_new=new, strategy=S.SamplingStrategy(),
+                                 stop=S.StopCondition()).tokens.block_until_ready()
+    return batch * new / _median_time(run, repeats)
+
+
+def bench_hf_decode(hf, cfg, batch, prompt_len, new, repeats):
+    import torch
+    toks = torch.tensor(_prompts(np.random.default_rng(batch), batch, prompt_len, cfg.vocab_size), dtype=torch.long)
+
+    def run():
+        with torch.no_grad():
+            hf.generate(input_ids=toks, attention_mask=torch.ones_like(toks), max_new_tokens=new,
+                        min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    return batch * new / _median_time(run, repeats)
+
+
+def bench_no_cache(cfg, params, batch, prompt_len, new, repeats):
+    """Greedy decoding that recomputes the full forward over a fixed buffer every step."""
+    total = prompt_len + new
+
+    @jax.jit
+    def loop(params, buf):
+        def body(i, buf):
+            logits = M.apply(cfg, params, buf, want_values=False).logits
+            nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, prompt_len + i - 1, 1, False), -1)
+            return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(buf.dtype), prompt_len + i, 1)
+        return jax.lax.fori_loop(0, new, body, buf)
+
+    buf = np.zeros((batch, total), np.int32)
+    buf[:, :prompt_len] = _prompts(np.random.default_rng(batch), batch, prompt_len, cfg.vocab_size)
+    return batch * new / _median_time(lambda: loop(params, buf).block_until_ready(), repeats)
+
+
+def bench_prefill(cfg, params, batch, length, repeats):
+    sampler = S.sampler_for(cfg)
+    toks = _prompts(np.random.default_rng(0), batch, length, cfg.vocab_size)
+    lens = np.full((batch,), length, np.int32)
+    run = lambda: sampler.prefill(params, sampler.put_rows(toks), sampler.put_rows(lens), length + 16)[1].block_until_ready()
+    return batch * length / _median_time(run, repeats)
+
+
+def bench_rollouts(cfg, params, n, k, new, repeats):
+    lengths = gsm8k_prefix_lengths(n)
+    width = S.bucket(max(lengths))
+    rng = np.random.default_rng(0)
+    toks = np.zeros((n, width), np.int32)
+    for i, l in enumerate(lengths):
+        toks[i, :l] = rng.integers(3, cfg.vocab_size, l)
+    lens = np.asarray(lengths, np.int32)
+    sampler = S.sampler_for(cfg)
+    strat = S.SamplingStrategy(temperature=1.0)
+
+    def run(share):
+        return lambda: sampler.rollouts(params, toks, lens, k=k, max_new=new, strategy=strat,
+                                        stop=S.StopCondition(), share_prefix=share).tokens.block_until_ready()
+    shared, naive = _median_time(run(True), repeats), _median_time(run(False), repeats)
+    return {"n_prefixes": n, "k": k, "new_tokens": new, "prefix_len_mean": float(np.mean(lengths)),
+            "prefix_len_bucket": width, "shared_s": shared, "naive_s": naive,
+            "prefix_sharing_speedup": naive / shared}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens (< 5 min on 2 cores)")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    repeats = 3 if args.quick else 7
+    prompt_len, new = 32, (32 if args.quick else 128)
+    cfg = M.preset("demo")
+    params = M.init_params(cfg, jax.random.key(0))
+    with tempfile.TemporaryDirectory() as d:
+        import transformers
+        convert.to_hf(cfg, params, d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+
+    results = {"preset": "demo", "params_m": cfg.num_params() / 1e6, "prompt_len": prompt_len,
+               "new_tokens": new, "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
+               "machine": platform.machine(), "jax": jax.__version__, "torch": torch.__version__,
+               "prefill_tokens_per_s": bench_prefill(cfg, params, 8, 256, repeats), "decode": {}}
+    for batch in (1, 8, 32):
+        ours = bench_ours_decode(cfg, params, batch, prompt_len, new, repeats)
+        hf_tps = bench_hf_decode(hf, cfg, batch, prompt_len, new, repeats)
+        nocache = bench_no_cache(cfg, params, batch, prompt_len, new, repeats)
+        results["decode"][str(batch)] = {"tokens_per_s": ours, "hf_tokens_per_s": hf_tps,
+                                         "no_cache_tokens_per_s": nocache, "decode_speedup_vs_hf": ours / hf_tps,
+                                         "speedup_vs_no_cache": ours / nocache}
+    results["decode_speedup_vs_hf"] = results["decode"]["32"]["decode_speedup_vs_hf"]
+    results["rollouts"] = bench_rollouts(cfg, params, n=4, k=8, new=new, repeats=repeats)
+    results["prefix_sharing_speedup"] = results["rollouts"]["prefix_sharing_speedup"]
+
+    print(f"demo preset ({results['params_m']:.1f}M params), prompt {prompt_len}, {new} new tokens, "
+          f"{results['device']}, {os.cpu_count()} CPUs")
+    print(f"prefill: {results['prefill_tokens_per_s']:,.0f} tokens/s (batch 8 x 256)")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'no-cache':>10} {'vs HF':>7}")
+    for b, r in results["decode"].items():
+        print(f"{b:>5} {r['tokens_per_s']:>11,.0f} {r['hf_tokens_per_s']:>10,.0f} "
+              f"{r['no_cache_tokens_per_s']:>10,.0f} {r['decode_speedup_vs_hf']:>6.2f}x")
+    ro = results["rollouts"]
+    print(f"rollouts N={ro['n_prefixes']} K={ro['k']} (GSM8K prefixes, mean {ro['prefix_len_mean']:.0f} tokens): "
+          f"shared {ro['shared_s']:.3f}s, naive {ro['naive_s']:.3f}s, speedup {ro['prefix_sharing_speedup']:.2f}x")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Fixed-shape batches and the per-process Grain pipeline that feeds them to a mesh.
+
+Batch dict (every array [B, T], B the global batch, T = max_len):
+    tokens         int32    ids, `pad_id` after the sequence
+    loss_mask      float32  1 where the token is an LM target (see glore_jax.prompts)
+    step_end_mask  float32  1 at the last token of each step and of the final line
+    step_labels    float32  value targets at step ends, -1 elsewhere
+    segment_ids    int32    1 on real tokens, 0 on padding (one sequence per row: no packing)
+    positions      int32    0..len-1 on real tokens, 0 on padding
+
+Each JAX process reads only its own shard of the source (a strided slice,
+equal-sized, remainder dropped), shuffles it with a per-epoch seed, formats
+and pads examples, and forms its local batch; the global jax.Array is then
+assembled with `make_array_from_process_local_data` under `batch_sharding`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from glore_jax.prompts import Example, fit
+from glore_jax.sharding import batch_sharding
+
+BATCH_KEYS = ("tokens", "loss_mask", "step_end_mask", "step_labels", "segment_ids", "positions")
+_STAT_KEYS = ("examples", "prompt_truncated", "target_truncated")
+
+
+def pad_example(example: Example, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One example's [T] row arrays; the example must already fit (see `prompts.fit`)."""
+    n = len(example)
+    if n > max_len:
+        raise ValueError(f"example of length {n} exceeds max_len {max_len}; call prompts.fit first")
+    row = {"tokens": np.full(max_len, pad_id, np.int32), "loss_mask": np.zeros(max_len, np.float32),
+           "step_end_mask": np.zeros(max_len, np.float32), "step_labels": np.full(max_len, -1.0, np.float32),
+           "segment_ids": np.zeros(max_len, np.int32), "positions": np.zeros(max_len, np.int32)}
+    row["tokens"][:n] = example.tokens
+    row["loss_mask"][:n] = example.loss_mask
+    row["step_end_mask"][:n] = example.step_end_mask
+    row["step_labels"][:n] = example.step_labels
+    row["segment_ids"][:n] = 1
+    row["positions"][:n] = np.arange(n)
+    return row
+
+
+def collate(examples: Sequence[Example], max_len: int, pad_id: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Fits and pads examples into a [B, T] batch; also returns truncation counts."""
+    stats = dict.fromkeys(_STAT_KEYS, 0)
+    rows = []
+    for example in examples:
+        fitted = fit(example, max_len)
+        stats["examples"] += 1
+        stats["prompt_truncated"] += fitted.prompt_truncated
+        stats["target_truncated"] += fitted.target_truncated
+        rows.append(pad_example(fitted.example, max_len, pad_id))
+    return {k: np.stack([r[k] for r in rows]) for k in BATCH_KEYS}, stats
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """How a source becomes batches. `global_batch_size` counts all processes."""
+
+    global_batch_size: int
+    max_len: int
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+
+    def __post_init__(self):
+        if self.global_batch_size <= 0 or self.max_len <= 0:
+            raise ValueError(f"batch size and max_len must be positive, got {self}")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise ValueError(f"num_epochs must be positive or None, got {self.num_epochs}")
+
+
+def shard_for_process(dataset: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+    """This process's records: a strided slice, equal-sized across processes.
+
+    Equal sizes (the remainder is dropped) mean every process serves the same
+    number of batches, so none blocks on a collective the others skip.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    per_process = len(dataset) // process_count
+    return dataset[process_index:per_process * process_count:process_count]
+
+
+class _FormatRow:
+    """Grain map: record -> padded row plus its truncation flags (picklable for workers)."""
+
+    def __init__(self, format_fn: Callable[[dict], Example], max_len: int, pad_id: int):
+        self.format_fn, self.max_len, self.pad_id = format_fn, max_len, pad_id
+
+    def __call__(self, record: dict) -> dict[str, np.ndarray]:
+        fitted = fit(self.format_fn(record), self.max_len)
+        row = pad_example(fitted.example, self.max_len, self.pad_id)
+        row["prompt_truncated"] = np.asarray(fitted.prompt_truncated)
+        row["target_truncated"] = np.asarray(fitted.target_truncated)
+        return row
+
+
+class BatchIterator:
+    """Iterator of global batches; `get_state`/`set_state` resume it exactly.
+
+    `stats` counts examples served and how many were truncated (prompt cut
+    from the left, or target cut at its end); they are part of the state, so
+    a resumed run keeps counting where the checkpointed one stopped.
+    """
+
+    def __init__(self, source: Sequence[dict], format_fn: Callable[[dict], Example], config: PipelineConfig,
+                 mesh: Mesh, *, pad_id: int, process_index: int | None = None, process_count: int | None = None):
+        self.config, self.mesh = config, mesh
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        if config.global_batch_size % process_count:
+            raise ValueError(f"global batch {config.global_batch_size} not divisible by {process_count} processes")
+        self.local_batch_size = config.global_batch_size // process_count
+        dataset = shard_for_process(grain.MapDataset.source(source), process_index, process_count)
+        if len(dataset) < self.local_batch_size:
+            raise ValueError(f"source of {len(source)} records gives each of {process_count} processes "
+                             f"{len(dataset)}, fewer than its batch of {self.local_batch_size}")
+        if config.shuffle:
+            dataset = dataset.shuffle(seed=config.seed)
+        dataset = dataset.repeat(config.num_epochs)  # reseeds the shuffle each epoch
+        dataset = dataset.map(_FormatRow(format_fn, config.max_len, pad_id))
+        dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
+        self._dataset = dataset
+        self._iter = iter(dataset.to_iter_dataset())
+        self.stats = dict.fromkeys(_STAT_KEYS, 0)
+        self._shardings = {k: batch_sharding(mesh, 2) for k in BATCH_KEYS}
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        local = next(self._iter)
+        self.stats["examples"] += int(local["tokens"].shape[0])
+        self.stats["prompt_truncated"] += int(local.pop("prompt_truncated").sum())
+        self.stats["target_truncated"] += int(local.pop("target_truncated").sum())
+        return {k: jax.make_array_from_process_local_data(self._shardings[k], local[k]) for k in BATCH_KEYS}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._iter.get_state(), "stats": dict(self.stats)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._iter.set_state(state["grain"])
+        self.stats = {k: int(state["stats"][k]) for k in _STAT_KEYS}
