@@ -2,10 +2,13 @@
 
     python benchmarks/sampling.py --quick --out sampling.json
 
-Everything is measured side by side in one process, on the `demo` preset with
+Everything is measured side by side in one run, on the `demo` preset with
 random weights exported to a `transformers` LlamaForCausalLM (same weights,
-float32, greedy, KV cache on). Each figure is the median of several timed
-runs after a warm-up (compilation is excluded for JAX; HF has no compile).
+float32, greedy, KV cache on, same batch and lengths). Each figure is the
+median of several timed runs after a warm-up (compilation is excluded for
+JAX; HF has none). `transformers` runs in a child process: merely importing
+torch in the JAX process slowed XLA:CPU decoding by up to 40% here (its
+OpenMP runtime competes with XLA's thread pool), which would flatter neither.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -71,15 +76,32 @@ def bench_ours_decode(cfg, params, batch, prompt_len, new, repeats):
     return batch * new / _median_time(run, repeats)
 
 
-def bench_hf_decode(hf, cfg, batch, prompt_len, new, repeats):
-    import torch
-    toks = torch.tensor(_prompts(np.random.default_rng(batch), batch, prompt_len, cfg.vocab_size), dtype=torch.long)
+def bench_hf_decode(hf_dir, vocab, batches, prompt_len, new, repeats) -> dict[int, float]:
+    """Runs `transformers` generate in a fresh process; returns tokens/s per batch size."""
+    job = json.dumps({"hf_dir": hf_dir, "vocab": vocab, "batches": list(batches), "prompt_len": prompt_len,
+                      "new": new, "repeats": repeats})
+    out = subprocess.run([sys.executable, __file__, "--hf_worker", job], capture_output=True, text=True, check=True)
+    return {int(b): v for b, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
-    def run():
-        with torch.no_grad():
-            hf.generate(input_ids=toks, attention_mask=torch.ones_like(toks), max_new_tokens=new,
-                        min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
-    return batch * new / _median_time(run, repeats)
+
+def _hf_worker(job: str) -> None:
+    import torch
+    import transformers
+    job = json.loads(job)
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(job["hf_dir"]).eval()
+    result = {}
+    for batch in job["batches"]:
+        toks = torch.tensor(_prompts(np.random.default_rng(batch), batch, job["prompt_len"], job["vocab"]),
+                            dtype=torch.long)
+
+        def run():
+            with torch.no_grad():
+                hf.generate(input_ids=toks, attention_mask=torch.ones_like(toks), max_new_tokens=job["new"],
+                            min_new_tokens=job["new"], do_sample=False, use_cache=True, pad_token_id=0,
+                            eos_token_id=None)
+        result[batch] = batch * job["new"] / _median_time(run, job["repeats"])
+    print(json.dumps(result))
 
 
 def bench_no_cache(cfg, params, batch, prompt_len, new, repeats):
@@ -131,30 +153,29 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens (< 5 min on 2 cores)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--hf_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    import torch
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.hf_worker:
+        return _hf_worker(args.hf_worker)
 
     repeats = 3 if args.quick else 7
     prompt_len, new = 32, (32 if args.quick else 128)
+    batches = (1, 8, 32)
     cfg = M.preset("demo")
     params = M.init_params(cfg, jax.random.key(0))
-    with tempfile.TemporaryDirectory() as d:
-        import transformers
-        convert.to_hf(cfg, params, d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
-
     results = {"preset": "demo", "params_m": cfg.num_params() / 1e6, "prompt_len": prompt_len,
                "new_tokens": new, "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
-               "machine": platform.machine(), "jax": jax.__version__, "torch": torch.__version__,
+               "machine": platform.machine(), "jax": jax.__version__,
                "prefill_tokens_per_s": bench_prefill(cfg, params, 8, 256, repeats), "decode": {}}
-    for batch in (1, 8, 32):
-        ours = bench_ours_decode(cfg, params, batch, prompt_len, new, repeats)
-        hf_tps = bench_hf_decode(hf, cfg, batch, prompt_len, new, repeats)
-        nocache = bench_no_cache(cfg, params, batch, prompt_len, new, repeats)
-        results["decode"][str(batch)] = {"tokens_per_s": ours, "hf_tokens_per_s": hf_tps,
-                                         "no_cache_tokens_per_s": nocache, "decode_speedup_vs_hf": ours / hf_tps,
-                                         "speedup_vs_no_cache": ours / nocache}
+    ours = {b: bench_ours_decode(cfg, params, b, prompt_len, new, repeats) for b in batches}
+    nocache = {b: bench_no_cache(cfg, params, b, prompt_len, new, repeats) for b in batches}
+    with tempfile.TemporaryDirectory() as d:
+        convert.to_hf(cfg, params, d)
+        hf = bench_hf_decode(d, cfg.vocab_size, batches, prompt_len, new, repeats)
+    for b in batches:
+        results["decode"][str(b)] = {"tokens_per_s": ours[b], "hf_tokens_per_s": hf[b],
+                                     "no_cache_tokens_per_s": nocache[b], "decode_speedup_vs_hf": ours[b] / hf[b],
+                                     "speedup_vs_no_cache": ours[b] / nocache[b]}
     results["decode_speedup_vs_hf"] = results["decode"]["32"]["decode_speedup_vs_hf"]
     results["rollouts"] = bench_rollouts(cfg, params, n=4, k=8, new=new, repeats=repeats)
     results["prefix_sharing_speedup"] = results["rollouts"]["prefix_sharing_speedup"]

@@ -70,11 +70,14 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask_fn, kv: tuple | None,
-                 cache_index: jax.Array | None):
-        """x: [B, T, E]. kv: this layer's cache (k, v), each [B, S, KVH, D], or None.
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 cached: tuple | None, cache_pos: jax.Array | None):
+        """x: [B, T, E]; cached: this layer's (k, v) cache, each [B, KVH, S, D], read-only.
 
-        Returns (out [B, T, E], updated kv or None).
+        Attends jointly over the cached slots (visible by `cache_pos`) and this
+        call's own tokens. Returns (out [B, T, E], this call's (k, v) [B, KVH, T, D]):
+        the caller writes the new keys into the cache once, after all layers,
+        so a decode step costs O(new tokens) in cache writes, not O(cache).
         """
         c = self.config
         dt = c.compute_dtype
@@ -93,28 +96,46 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, c.rope_theta)
         k = apply_rope(k, positions, c.rope_theta)
 
-        if kv is not None:
-            # Write this call's keys/values into the preallocated cache at
-            # `cache_index`; attention then reads the whole cache and the
-            # position mask hides empty slots and the future.
-            ck, cv = kv
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-            kv = (k, v)
-
         b, t, _, d = q.shape
         g = c.num_heads // c.num_kv_heads
-        qg = q.reshape(b, t, c.num_kv_heads, g, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dt),
-                            preferred_element_type=jnp.float32) * (d ** -0.5)
-        mask = mask_fn()  # [B, T, S]
-        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, c.num_heads, d)
-        out = constrain(out, ("activation_batch", "activation_length", "activation_heads",
-                              "activation_head_dim"))
+        qg = q.reshape(b, t, c.num_kv_heads, g, d) * jnp.asarray(d ** -0.5, dt)
+
+        # Keys/values are kept [B, KVH, S, D]: batch dims lead and each head's
+        # slots are contiguous, so attention reads the cache without a transpose.
+        k = k.transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
+
+        # A one-token decode step is a matrix-vector product per (row, head):
+        # XLA:CPU runs it far faster as a fused multiply-reduce than as a
+        # batched dot with M=1 (measured 2.4x on the demo preset's cache).
+        vector = t == 1
+
+        def scores(keys, mask):
+            if vector:
+                s = jnp.sum((qg[:, 0, :, :, None, :] * keys[:, :, None].astype(dt)).astype(jnp.float32), -1)
+                s = s[:, :, :, None, :]
+            else:
+                s = jnp.einsum("btkgd,bksd->bkgts", qg, keys.astype(dt), preferred_element_type=jnp.float32)
+            return jnp.where(mask[:, None, None, :, :], s, _NEG_INF)
+
+        def mix(probs, values):
+            if vector:
+                return jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None].astype(dt), axis=-2)[:, None]
+            return jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(dt))
+
+        s_new = scores(k, attention_mask(positions, positions, segment_ids, segment_ids, c.sliding_window))
+        if cached is None:
+            out = mix(jax.nn.softmax(s_new, axis=-1).astype(dt), v)
+        else:
+            ck, cv = cached
+            s_old = scores(ck, attention_mask(positions, cache_pos, None, None, c.sliding_window))
+            probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(dt)
+            n_old = ck.shape[2]
+            out = mix(probs[..., :n_old], cv) + mix(probs[..., n_old:], v)
+        out = constrain(out.reshape(b, t, c.num_heads, d),
+                        ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         out = jnp.einsum("bthd,hde->bte", out, wo.astype(dt))
-        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), kv
+        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), (k, v)
 
 
 class MLP(nn.Module):
@@ -140,14 +161,11 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, kv: tuple | None, positions: jax.Array, k_pos: jax.Array,
-                 segment_ids: jax.Array | None, k_seg: jax.Array | None, cache_index: jax.Array | None):
+    def __call__(self, x: jax.Array, cached: tuple | None, positions: jax.Array,
+                 segment_ids: jax.Array | None, cache_pos: jax.Array | None):
         c = self.config
-        # The mask is built inside the layer (cheap, fused by XLA) so the scan
-        # carries no [B, T, S] tensor.
-        mask_fn = lambda: attention_mask(positions, k_pos, segment_ids, k_seg, c.sliding_window)
         h, kv = Attention(c, name="attn")(RMSNorm(c.norm_eps, c.compute_dtype, name="attn_norm")(x),
-                                          positions, mask_fn, kv, cache_index)
+                                          positions, segment_ids, cached, cache_pos)
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.compute_dtype, name="mlp_norm")(x))
         return constrain(x, ("activation_batch", "activation_length", "activation_embed")), kv

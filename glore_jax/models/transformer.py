@@ -24,14 +24,14 @@ from glore_jax.models.config import ModelConfig
 from glore_jax.models.layers import RMSNorm, Block, param
 from glore_jax.sharding import constrain
 
-CACHE_AXES = ("layers", "activation_batch", "cache_length", "activation_kv_heads", "activation_head_dim")
+CACHE_AXES = ("layers", "activation_batch", "activation_kv_heads", "cache_length", "activation_head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
     """Keys/values for every layer plus the position held in each slot (-1 = empty).
 
-    k, v: [L, B, S, KVH, D] in the compute dtype; pos: [B, S] int32.
+    k, v: [L, B, KVH, S, D] in the compute dtype; pos: [B, S] int32.
     """
 
     k: jax.Array
@@ -40,7 +40,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
-        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
         return cls(k=jnp.zeros(shape, config.compute_dtype), v=jnp.zeros(shape, config.compute_dtype),
                    pos=jnp.full((batch, length), -1, jnp.int32))
 
@@ -68,29 +68,32 @@ class Backbone(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c)
         self.final_norm = RMSNorm(c.norm_eps, c.compute_dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: KVCache | None, cache_index: jax.Array | None):
+                 cache: KVCache | None, cache_index: jax.Array | None, return_kv: bool):
         c = self.config
         x = jnp.take(self.embedding, tokens, axis=0).astype(c.compute_dtype)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        if cache is None:
-            k_pos, k_seg, kv = positions, segment_ids, None
-        else:
-            if segment_ids is not None:
-                raise ValueError("Packed segments are a training-time layout; they cannot use a KV cache")
-            k_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, positions.astype(jnp.int32),
-                                                        cache_index, axis=1)
-            k_seg, kv = None, (cache.k, cache.v)
-        x, kv = self.layers(x, kv, positions, k_pos, segment_ids, k_seg, cache_index)
+        if cache is not None and segment_ids is not None:
+            raise ValueError("Packed segments are a training-time layout; they cannot use a KV cache")
+        cached = None if cache is None else (cache.k, cache.v)
+        cache_pos = None if cache is None else cache.pos
+        x, (k, v) = self.layers(x, cached, positions, segment_ids, cache_pos)
         x = self.final_norm(x)
-        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], pos=k_pos)
-        return x, new_cache
+        if cache is not None:
+            # One in-place write of every layer's new keys, after the scan.
+            put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
+                                                                              cache_index, axis=axis)
+            return x, KVCache(k=put(cache.k, k, 3), v=put(cache.v, v, 3),
+                              pos=put(cache.pos, positions.astype(jnp.int32), 1))
+        if return_kv:
+            return x, KVCache(k=k, v=v, pos=positions.astype(jnp.int32))
+        return x, None
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied-embedding logits: hidden [B, T, E] -> float32 [B, T, V]."""
@@ -107,11 +110,14 @@ class LanguageModel(nn.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
                  cache_index: jax.Array | int | None = None, *, want_logits: bool = True,
-                 want_values: bool = True, logit_index: jax.Array | None = None) -> ModelOutput:
+                 want_values: bool = True, logit_index: jax.Array | None = None,
+                 return_kv: bool = False) -> ModelOutput:
         """tokens, positions, segment_ids: [B, T] int. Padding tokens get position -1.
 
-        With a cache, this call's tokens are written at slot `cache_index` and
-        attend to every filled slot at or before their own position.
+        With a cache, this call's tokens attend to every filled slot at or
+        before their own position, and are written at slot `cache_index`.
+        `return_kv` without a cache returns this call's keys/values as a
+        KVCache of length T (how a prefill builds its cache).
         `logit_index` [B]: compute logits only at that time index of each row
         (returned as [B, 1, V]); a prefill needs only the last prompt token's
         logits, and [B, P, V] for a 32k vocab would dwarf the KV cache.
@@ -123,7 +129,7 @@ class LanguageModel(nn.Module):
             raise ValueError("cache_index is required when a cache is given")
         cache_index = None if cache is None else jnp.asarray(cache_index, jnp.int32)
         backbone = Backbone(c, name="backbone")
-        hidden, cache = backbone(tokens, positions, segment_ids, cache, cache_index)
+        hidden, cache = backbone(tokens, positions, segment_ids, cache, cache_index, return_kv)
         logits = values = None
         if "lm" in c.heads and (want_logits or self.is_initializing()):
             h = hidden if logit_index is None else jnp.take_along_axis(

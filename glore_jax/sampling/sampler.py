@@ -108,11 +108,17 @@ class Sampler:
         """prompts [B, P] right-padded, lengths [B] -> (cache with P filled slots, last logits [B, V])."""
         b, p = prompts.shape
         with shd.activation_rules(self.mesh, self.rules):
-            positions = jnp.where(jnp.arange(p)[None, :] < lengths[:, None], jnp.arange(p)[None, :], -1)
-            cache = KVCache.empty(self.config, b, cache_len)
-            out = apply(self.config, params, prompts, positions.astype(jnp.int32), cache=cache, cache_index=0,
-                        want_values=False, logit_index=jnp.maximum(lengths - 1, 0))
-        return out.cache, out.logits[:, 0]
+            idx = jnp.arange(p)[None, :]
+            positions = jnp.where(idx < lengths[:, None], idx, -1).astype(jnp.int32)
+            out = apply(self.config, params, prompts, positions, want_values=False, return_kv=True,
+                        logit_index=jnp.maximum(lengths - 1, 0))
+            # The prompt's own keys become slots [0, P) of a cache with room
+            # for the continuation; empty slots carry position -1.
+            grow = lambda x, axis, fill: jnp.pad(x, [(0, cache_len - p if a == axis else 0) for a in range(x.ndim)],
+                                                 constant_values=fill)
+            kv = out.cache
+            cache = KVCache(k=grow(kv.k, 3, 0), v=grow(kv.v, 3, 0), pos=grow(kv.pos, 1, -1))
+        return cache, out.logits[:, 0]
 
     def _expand(self, cache: KVCache, logits: jax.Array, lengths: jax.Array, k: int):
         """Repeats each row K times (row n -> rows n*K .. n*K+K-1) after a single prefill."""
