@@ -1,0 +1,1 @@
+"""The GLoRe recipe: SORM labelling, refinement data, when/where/how inference, the report."""

@@ -1,0 +1,154 @@
+"""SORM labels from policy rollouts (GLoRe section 3.2).
+
+For a sampled solution with steps s_1..s_n, the prefix through step i is
+rolled out K times by the policy; step i is positive if ANY rollout reaches
+the gold answer. "Any" (not the mean) makes the label estimate V*, the value
+of the best continuation, rather than V^pi: a step is good if the policy can
+still succeed from it, not if it usually does.
+
+Post-processing:
+  * monotonicity: every step before a positive step is positive (if the
+    problem is still solvable after step i, it was solvable after each
+    earlier step), and a correct final answer makes every step positive;
+  * optional intermediate check: a rollout only verifies step i if the
+    step's intermediate result reappears in it, so continuations that ignore
+    the step and solve from scratch do not vouch for it;
+  * balancing: per scorable index, positives and negatives are equalised by
+    masking (label -1) a random subset of the majority.
+
+Rollouts from the empty prefix (a fresh solution) are drawn too: they are not
+labels, but supply local-refinement targets when the very first step is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from glore_jax.prompts import num_scorable_positions
+from glore_jax.tasks import annotations, is_correct, parse_number, split_steps
+
+# (question, prefix text) pairs -> K continuation texts each.
+RolloutFn = Callable[[Sequence[tuple[str, str]], int], list[list[str]]]
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LabelConfig:
+    k: int = 8
+    check_intermediate: bool = False
+    balance: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class LabelledSolution:
+    """One solution's rollouts and labels.
+
+    rollouts[j]: K continuations of the prefix with the first j steps (j = 0..n).
+    verified[j]: which of them reach the gold answer (and pass the optional check).
+    labels: one per scorable position (n steps, then the final line): 1, 0, or
+      -1 where balancing dropped it.
+    """
+
+    question: str
+    gold: str
+    solution: str
+    steps: list[str]
+    rollouts: list[list[str]]
+    verified: list[list[bool]]
+    raw: list[bool]
+    labels: list[float]
+
+    def to_record(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def first_negative(self) -> int | None:
+        """Index of the first step labelled 0 after post-processing (ignores balancing)."""
+        mono = monotone(self.raw, is_correct(self.solution, self.gold))
+        return next((i for i, v in enumerate(mono[:len(self.steps)]) if not v), None)
+
+
+def prefix_text(steps: Sequence[str], j: int) -> str:
+    """The first j steps, each ending in a newline, so the policy continues with the next line."""
+    return "".join(s + "\n" for s in steps[:j])
+
+
+def step_result(step: str) -> str | None:
+    """A step's intermediate result: its last `<<expr=value>>` value, else its last number."""
+    ann = annotations(step)
+    if ann:
+        return ann[-1][1]
+    nums = _NUMBER.findall(step)
+    return nums[-1] if nums else None
+
+
+def _mentions(text: str, value: str) -> bool:
+    target = parse_number(value)
+    return target is not None and any(parse_number(n) == target for n in _NUMBER.findall(text))
+
+
+def monotone(raw: Sequence[bool], final_correct: bool) -> list[bool]:
+    """Scorable labels (steps + final) with every position before a positive one made positive."""
+    values = list(raw) + [final_correct]
+    out, seen = [False] * len(values), False
+    for i in range(len(values) - 1, -1, -1):
+        seen = seen or values[i]
+        out[i] = seen
+    return out
+
+
+def balance(solutions: Sequence[LabelledSolution], seed: int) -> None:
+    """Masks labels in place so each scorable index has as many positives as negatives."""
+    by_index: dict[int, dict[float, list[tuple[int, int]]]] = defaultdict(lambda: {0.0: [], 1.0: []})
+    for s_idx, sol in enumerate(solutions):
+        for pos, label in enumerate(sol.labels):
+            if label in (0.0, 1.0):
+                by_index[pos][label].append((s_idx, pos))
+    rng = random.Random(seed)
+    for pos in sorted(by_index):
+        pos_items, neg_items = by_index[pos][1.0], by_index[pos][0.0]
+        major = pos_items if len(pos_items) > len(neg_items) else neg_items
+        for s_idx, p in rng.sample(major, abs(len(pos_items) - len(neg_items))):
+            solutions[s_idx].labels[p] = -1.0
+
+
+def label_solutions(items: Sequence[tuple[str, str, str]], rollout_fn: RolloutFn,
+                    config: LabelConfig) -> list[LabelledSolution]:
+    """items: (question, gold, solution). Rolls out every step prefix K times and labels the steps."""
+    steps_of = [split_steps(sol) for _, _, sol in items]
+    queries = [(q, prefix_text(steps, j)) for (q, _, _), steps in zip(items, steps_of)
+               for j in range(len(steps) + 1)]
+    flat = rollout_fn(queries, config.k) if queries else []
+    if len(flat) != len(queries) or any(len(r) != config.k for r in flat):
+        raise ValueError(f"rollout_fn must return {config.k} continuations for each of {len(queries)} prefixes")
+    out, cursor = [], 0
+    for (question, gold, solution), steps in zip(items, steps_of):
+        rollouts = flat[cursor:cursor + len(steps) + 1]
+        cursor += len(steps) + 1
+        verified = []
+        for j, conts in enumerate(rollouts):
+            prefix = prefix_text(steps, j)
+            ok = [is_correct(prefix + c, gold) for c in conts]
+            if config.check_intermediate and j > 0:
+                value = step_result(steps[j - 1])
+                if value is not None:
+                    ok = [o and _mentions(c, value) for o, c in zip(ok, conts)]
+            verified.append(ok)
+        raw = [any(v) for v in verified[1:]]       # step i <-> prefix through step i
+        # A sample with no final-answer line has no final position to score.
+        labels = [float(x) for x in monotone(raw, is_correct(solution, gold))][:num_scorable_positions(solution)]
+        out.append(LabelledSolution(question=question, gold=gold, solution=solution, steps=steps,
+                                    rollouts=rollouts, verified=verified, raw=raw, labels=labels))
+    if config.balance:
+        balance(out, config.seed)
+    return out
+
+
+def orm_labels(solution: str, gold: str) -> list[float]:
+    """ORM targets: every scorable position gets the final answer's correctness."""
+    return [float(is_correct(solution, gold))] * num_scorable_positions(solution)

@@ -1,0 +1,126 @@
+"""GLoRe recipe logic: SORM labels, refinement pairs, where to refine, reranking."""
+
+import numpy as np
+import pytest
+
+from glore_jax import prompts
+from glore_jax.recipe import inference, refine_data, sorm_labels, value_eval
+from glore_jax.tokenizer import Tokenizer
+
+# A hand-built deterministic "policy": the final answers of its K=2 rollouts,
+# keyed by (question, number of solution steps in the prefix).
+TABLE = {
+    ("q1", 0): ["10", "5"], ("q1", 1): ["5", "10"], ("q1", 2): ["5", "5"], ("q1", 3): ["7", "7"],
+    ("q2", 0): ["4", "4"], ("q2", 1): ["1", "1"], ("q2", 2): ["4", "1"],
+    ("q3", 0): ["1", "1"], ("q3", 1): ["1", "1"], ("q3", 2): ["9", "1"],
+}
+ITEMS = [("q1", "10", "a = 1\nb = 2\nc = 3\n#### 7"),     # wrong; only the 1-step prefix can recover
+         ("q2", "4", "x = 1\ny = 3\n#### 4"),              # right
+         ("q3", "9", "p = 1\nq = 2\n#### 2")]              # wrong; recoverable after step 2
+
+
+def table_policy(queries, k):
+    out = []
+    for question, prefix in queries:
+        n = prefix.count("\n")
+        out.append([f"#### {ans}" for ans in TABLE[(question, n)][:k]])
+    return out
+
+
+def test_sorm_labels_follow_the_definition_before_balancing():
+    got = sorm_labels.label_solutions(ITEMS, table_policy, sorm_labels.LabelConfig(k=2, balance=False))
+    assert [g.raw for g in got] == [[True, False, False], [False, True], [False, True]]
+    # any-rollout labels, then monotone: positives propagate backwards; a right answer makes all positive
+    assert [g.labels for g in got] == [[1, 0, 0, 0], [1, 1, 1], [1, 1, 0]]
+    assert [g.first_negative for g in got] == [1, None, None]   # q3: only its final line is wrong
+    assert got[0].verified[1] == [False, True] and got[0].rollouts[1] == ["#### 5", "#### 10"]
+
+
+def test_sorm_balancing_equalises_each_index_by_masking_the_majority():
+    unbalanced = sorm_labels.label_solutions(ITEMS, table_policy, sorm_labels.LabelConfig(k=2, balance=False))
+    for seed in range(5):
+        got = sorm_labels.label_solutions(ITEMS, table_policy, sorm_labels.LabelConfig(k=2, seed=seed))
+        for index in range(4):
+            labels = [g.labels[index] for g in got if index < len(g.labels)]
+            before = [u.labels[index] for u in unbalanced if index < len(u.labels)]
+            assert labels.count(1.0) == labels.count(0.0)
+            majority = 1.0 if before.count(1.0) > before.count(0.0) else 0.0
+            for lab, ref in zip(labels, before):
+                assert lab == ref or (lab == -1.0 and ref == majority)
+        # index 0 is all positive before balancing, so it is entirely masked
+        assert all(g.labels[0] == -1.0 for g in got)
+
+
+def test_intermediate_result_check_rejects_rollouts_that_ignore_the_step():
+    items = [("q", "12", "t = <<2+3=5>>5\n#### 1")]
+
+    def policy(queries, k):
+        # from the 1-step prefix, one rollout reuses 5, the other solves from scratch
+        return [["#### 12", "#### 12"] if p == "" else ["5 + 7 = 12\n#### 12", "6 * 2 = 12\n#### 12"]
+                if p.count("\n") == 1 else ["#### 1", "#### 1"] for _, p in queries]
+    plain = sorm_labels.label_solutions(items, policy, sorm_labels.LabelConfig(k=2, balance=False))[0]
+    checked = sorm_labels.label_solutions(items, policy, sorm_labels.LabelConfig(k=2, balance=False,
+                                                                                  check_intermediate=True))[0]
+    assert plain.verified[1] == [True, True] and checked.verified[1] == [True, False]
+    assert sorm_labels.step_result("Tom has <<40/8=5>>5 left") == "5"
+
+
+def test_rollout_fn_contract_is_checked():
+    with pytest.raises(ValueError, match="2 continuations"):
+        sorm_labels.label_solutions(ITEMS, lambda q, k: [["#### 1"]] * len(q), sorm_labels.LabelConfig(k=2))
+
+
+def test_local_pairs_mark_the_first_negative_step(shared_dir):
+    labelled = sorm_labels.label_solutions(ITEMS, table_policy, sorm_labels.LabelConfig(k=2, balance=False))
+    pairs, skipped = refine_data.local_pairs(labelled)
+    assert skipped["draft_correct"] == 1
+    by_q = {p["question"]: p for p in pairs}
+    assert by_q["q1"]["bad_step"] == 1 and by_q["q1"]["target"] == "#### 10"
+    assert by_q["q3"]["bad_step"] == 2 and by_q["q3"]["target"] == "#### 9"
+
+    tok = Tokenizer.load(shared_dir / "tokenizers" / "mistral-7b-v0.1" / "tokenizer.model")
+    p = by_q["q1"]
+    ids = prompts.local_refiner_prompt(tok, p["question"], p["draft"], p["bad_step"])
+    assert ids.count(tok.bad_id) == 1
+    cut = ids.index(tok.bad_id)
+    draft_start = ids.index(tok.control_id("[DRAFT]")) + 1
+    assert tok.decode(ids[draft_start:cut]).strip() == "a = 1"
+    assert tok.decode(ids[cut + 1:]).lstrip().startswith("b = 2")
+    # the full refined solution keeps the steps before the marker and appends the fix
+    assert prompts.splice_local(p["draft"], p["bad_step"], p["target"]) == "a = 1\n#### 10"
+
+
+def test_global_pairs_pair_wrong_with_right_samples_of_the_same_question():
+    samples = [("q", "3", ["1+2=3\n#### 3", "1+1=2\n#### 2", "#### 5"]), ("r", "1", ["#### 1"])]
+    pairs = refine_data.global_pairs(samples, seed=0)
+    assert len(pairs) == 2 and all(p["question"] == "q" for p in pairs)
+    assert {p["draft"] for p in pairs} == {"1+1=2\n#### 2", "#### 5"}
+    assert all(p["target"] == "1+2=3\n#### 3" for p in pairs)
+
+
+def test_rerank_picks_the_highest_orm_score_and_the_draft_on_ties():
+    assert inference.rerank([0.2, 0.9, 0.5]) == 1
+    assert inference.rerank([0.3, 0.1, 0.7]) == 2
+    assert inference.rerank([0.6, 0.6, 0.6]) == 0
+
+
+def test_where_to_refine_is_the_first_step_below_threshold():
+    assert inference.first_bad_step(np.array([0.9, 0.7, 0.3, 0.1]), 0.5) == 2
+    assert inference.first_bad_step(np.array([0.9, 0.6, 0.8]), 0.5) == 1   # none below: lowest
+    assert inference.first_bad_step(np.array([]), 0.5) == 0
+
+
+def test_value_accuracy_against_exact_synthetic_truth():
+    from glore_jax.tasks import SyntheticConfig, generate_split, inject_error
+    import json
+    import random
+    rec = next(generate_split(SyntheticConfig(train_size=5, test_size=5), "test"))
+    meta = json.loads(rec["meta"])
+    wrong = inject_error(meta, 1, "arithmetic", random.Random(0))
+    truth = value_eval.synthetic_truth(rec, wrong)
+    n = len(truth)
+    assert truth[:2] == [1.0, 0.0] and truth[-1] == 0.0
+    perfect = value_eval.value_accuracy([np.array(truth) * 0.8 + 0.1], [truth], [wrong])
+    assert perfect["step_accuracy"] == 1.0 and perfect["final_accuracy"] == 1.0
+    flipped = value_eval.value_accuracy([1 - np.array(truth)], [truth], [wrong])
+    assert flipped["step_accuracy"] == 0.0 and flipped["num_steps"] == n - 1
