@@ -152,3 +152,15 @@ def test_bad_prompts_raise():
         S.pad_prompts([[1, 300]], 256, rows=1, length=4)
     with pytest.raises(ValueError, match="empty"):
         S.pad_prompts([[]], 256, rows=1, length=4)
+
+
+def test_stop_string_newline_ends_a_step(shared_dir, params):
+    from glore_jax.tokenizer import Tokenizer
+    tok = Tokenizer.load(shared_dir / "tokenizers" / "mistral-7b-v0.1" / "tokenizer.model")
+    ids = S.stop_ids_for_strings(tok, ["\n"])
+    assert tok.encode("a\nb")[1] in ids and tok.encode("hello")[0] not in ids
+    # map the tiny model's ids onto a pretend newline set: stop at the first such id
+    free = S.generate(TINY, params, PROMPTS, 12)
+    newline_like = (free[1][2],)
+    out = S.generate(TINY, params, PROMPTS, 12, stop_ids=newline_like)
+    assert out[1] == free[1][:free[1].index(newline_like[0]) + 1]

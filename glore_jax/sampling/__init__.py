@@ -15,7 +15,7 @@ from glore_jax.models import ModelConfig
 from glore_jax.sampling.sampler import Sampler, SamplingState, StopCondition, sampler_for
 from glore_jax.sampling.strategy import SamplingStrategy, filter_logits, select
 
-__all__ = ["generate", "pad_prompts", "bucket", "Sampler", "SamplingState", "SamplingStrategy", "StopCondition",
+__all__ = ["generate", "pad_prompts", "bucket", "stop_ids_for_strings", "Sampler", "SamplingState", "SamplingStrategy", "StopCondition",
            "filter_logits", "select", "sampler_for", "unpad"]
 
 
@@ -42,6 +42,23 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, *, rows: int,
         tokens[i, :len(p)] = arr
         lengths[i] = len(p)
     return tokens, lengths
+
+
+def stop_ids_for_strings(tokenizer, strings: Sequence[str]) -> tuple[int, ...]:
+    """Ids of every vocab piece whose text contains one of `strings` (e.g. "\n" ends a step line).
+
+    The decode loop compares ids, not text, so a stop string becomes the set
+    of pieces that can emit it. Strings that only ever arise across two
+    pieces are not caught in the loop; cut those from the decoded text.
+    """
+    if not strings or any(not s for s in strings):
+        raise ValueError(f"stop strings must be non-empty, got {strings!r}")
+    ids = []
+    for i in range(tokenizer.sp_vocab_size):
+        text = tokenizer.decode([i])
+        if any(s in text for s in strings):
+            ids.append(i)
+    return tuple(ids)
 
 
 def unpad(state: SamplingState, rows: int) -> list[list[int]]:
