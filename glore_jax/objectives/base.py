@@ -1,0 +1,60 @@
+"""What an objective is: a loss over a batch, the heads it trains and the data formats it reads.
+
+Losses return *sums*, not means. A metric is a `(sum, count)` pair; the
+trainer adds pairs across micro-batches (and XLA across data-parallel
+shards) and divides once at the end, so gradient accumulation and any mesh
+give exactly the mean over the whole global batch. `metrics['loss']` must be
+the `(loss_sum, weight)` pair whose first element is the returned loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from glore_jax.models import ModelConfig
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, tuple[jax.Array, jax.Array]]
+LossFn = Callable[[Any, Batch, jax.Array, ModelConfig], tuple[jax.Array, Metrics]]
+# Host-side, before the jitted step: (train state, batch, rng) -> batch. The
+# place for on-policy sampling (e.g. a policy-gradient objective generating
+# completions with the current params), which cannot live inside the step.
+PrepareFn = Callable[[Any, Batch, jax.Array], Batch]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Objective:
+    """One trainable objective. Register it in `glore_jax.objectives.OBJECTIVES`."""
+
+    name: str
+    loss_fn: LossFn
+    heads: tuple[str, ...]               # model heads the loss reads: ('lm',) or ('value',)
+    prompt_formats: tuple[str, ...]      # data formats it accepts; the first is the default
+    prepare_batch: PrepareFn | None = None
+
+    def __post_init__(self):
+        if not self.prompt_formats:
+            raise ValueError(f"objective {self.name!r} must accept at least one prompt format")
+
+    def check_format(self, prompt_format: str) -> str:
+        """The format to use ('' means the default), or an error naming the valid ones."""
+        if not prompt_format:
+            return self.prompt_formats[0]
+        if prompt_format not in self.prompt_formats:
+            raise ValueError(f"objective {self.name!r} cannot train on prompt format {prompt_format!r}; "
+                             f"valid formats: {list(self.prompt_formats)}")
+        return prompt_format
+
+
+def pair(total: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32)
+
+
+def finalize(metrics: Metrics) -> dict[str, jax.Array]:
+    """Means of summed metric pairs; a metric with no contributing units reads 0."""
+    return {k: s / jnp.maximum(c, 1.0) for k, (s, c) in metrics.items()}

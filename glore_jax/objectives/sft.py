@@ -1,0 +1,31 @@
+"""Supervised fine-tuning: masked next-token cross entropy.
+
+One loss serves the policy (SFT and Expert Iteration) and both refiners; the
+prompt format decides which tokens are targets (`loss_mask`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from glore_jax import models
+from glore_jax.objectives.base import Batch, Metrics, Objective, pair
+
+
+def sft_loss(params, batch: Batch, rng: jax.Array, config: models.ModelConfig) -> tuple[jax.Array, Metrics]:
+    del rng
+    out = models.apply(config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                       want_values=False)
+    # loss_mask[t] marks token t as a target, predicted from position t-1.
+    logits, targets, mask = out.logits[:, :-1], batch["tokens"][:, 1:], batch["loss_mask"][:, 1:]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    loss_sum = jnp.sum(nll * mask)
+    weight = jnp.sum(mask)
+    correct = jnp.sum((jnp.argmax(logits, -1) == targets) * mask)
+    return loss_sum, {"loss": pair(loss_sum, weight), "token_accuracy": pair(correct, weight)}
+
+
+SFT = Objective(name="sft", loss_fn=sft_loss, heads=("lm",),
+                prompt_formats=("policy", "global_refiner", "local_refiner"))

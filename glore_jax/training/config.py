@@ -1,0 +1,130 @@
+"""The experiment config schema: shared keys every stage reads, plus `train` loop knobs.
+
+One experiment config file serves both `python -m glore_jax.train` (one
+objective) and the GLoRe pipeline (every stage, each deriving its training
+config from the shared keys). Config files start from `base_config()`, set
+what differs, and return it locked, so a misspelled override fails at once
+naming the key instead of silently training something else.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict, config_dict
+
+from glore_jax.models import PRESETS, ModelConfig, preset
+from glore_jax.sharding import MeshConfig
+from glore_jax.tasks import TASKS, SyntheticConfig
+
+# ModelConfig fields a config may override on top of its preset. Those that
+# change param shapes are ignored with `init_from` (the checkpoint decides).
+MODEL_OVERRIDES = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                   "dtype", "remat")
+COMPUTE_OVERRIDES = ("dtype", "remat")
+VOCAB_MULTIPLE = 128
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.objective = "sft"
+    c.workdir = ""
+    c.seed = 0
+    # A saved model dir (glore_jax.convert / models.checkpoints) or an earlier stage's workdir.
+    c.init_from = ""
+
+    c.model = ConfigDict()
+    c.model.preset = "tiny"
+    for name in MODEL_OVERRIDES:
+        kind = {"dtype": str, "remat": bool}.get(name, int)
+        # None keeps the preset's value; vocab_size None means "fit the tokenizer".
+        setattr(c.model, name, config_dict.placeholder(kind))
+
+    c.data = ConfigDict()
+    c.data.task = "synthetic"
+    c.data.split = "train"
+    c.data.eval_split = "test"          # '' disables eval
+    c.data.prompt_format = ""           # '' = the objective's default
+    c.data.records = ""                 # a records file (data.store) replacing the task split
+    c.data.eval_records = ""
+    c.data.max_len = 512
+    c.data.data_dir = ""                # TFDS dir; '' = <workdir>/tfds
+    c.data.manual_dir = ""              # gsm8k/svamp source files; '' = download
+    c.data.tokenizer = ""               # sentencepiece model; '' = train one (synthetic task only)
+    c.data.tokenizer_vocab_size = 512   # for the in-process trained tokenizer
+    c.data.synthetic = ConfigDict()
+    defaults = SyntheticConfig()
+    for name in ("train_size", "test_size", "seed", "min_steps", "max_steps"):
+        setattr(c.data.synthetic, name, getattr(defaults, name))
+
+    c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+    c.train = ConfigDict()
+    c.train.total_steps = 1000
+    c.train.batch_size = 32             # global, all processes
+    c.train.grad_accum = 1              # micro-batches per step (batch_size must divide by it)
+    c.train.learning_rate = 3e-4
+    c.train.warmup_steps = 100
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 1.0
+    c.train.log_every = 10
+    c.train.eval_every = 200            # 0 disables periodic eval (it still runs at the end)
+    c.train.eval_batches = 4
+    c.train.checkpoint_every = 200
+    c.train.max_to_keep = 2
+    c.train.peak_tflops = 0.0           # per device, for MFU; 0 = guess from the device kind
+    return c
+
+
+def locked(config: ConfigDict) -> ConfigDict:
+    config.lock()
+    return config
+
+
+def check(config: ConfigDict) -> None:
+    """Value checks that name the bad key and the valid choices."""
+    from glore_jax import objectives  # late: objectives import models, which is heavy
+    objectives.get(config.objective)
+    if config.model.preset not in PRESETS:
+        raise ValueError(f"model.preset {config.model.preset!r} unknown; valid presets: {sorted(PRESETS)}")
+    if config.data.task not in TASKS:
+        raise ValueError(f"data.task {config.data.task!r} unknown; valid tasks: {list(TASKS)}")
+    if not config.workdir:
+        raise ValueError("workdir must be set (e.g. --config.workdir=/tmp/run)")
+    t = config.train
+    for key in ("total_steps", "batch_size", "grad_accum", "log_every", "eval_batches", "checkpoint_every",
+                "max_to_keep"):
+        if t[key] <= 0:
+            raise ValueError(f"train.{key} must be positive, got {t[key]}")
+    if t.batch_size % t.grad_accum:
+        raise ValueError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}")
+    if t.learning_rate <= 0 or t.warmup_steps < 0 or t.grad_clip < 0 or t.eval_every < 0:
+        raise ValueError("train.learning_rate must be > 0 and warmup_steps, grad_clip, eval_every >= 0")
+
+
+def mesh_config(config: ConfigDict) -> MeshConfig:
+    return MeshConfig(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+
+
+def synthetic_config(config: ConfigDict) -> SyntheticConfig | None:
+    if config.data.task != "synthetic":
+        return None
+    return SyntheticConfig(**config.data.synthetic.to_dict())
+
+
+def round_vocab(n: int) -> int:
+    """Embedding rows rounded up so the vocab axis splits evenly over tensor-parallel devices."""
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def model_config(config: ConfigDict, tokenizer_vocab: int) -> ModelConfig:
+    """The fresh model the config describes; vocab fits the tokenizer unless set explicitly."""
+    overrides = {k: config.model[k] for k in MODEL_OVERRIDES if config.model[k] is not None}
+    overrides.setdefault("vocab_size", round_vocab(tokenizer_vocab))
+    result = preset(config.model.preset, **overrides)
+    check_vocab(result, tokenizer_vocab)
+    return result
+
+
+def check_vocab(model: ModelConfig, tokenizer_vocab: int) -> None:
+    if model.vocab_size < tokenizer_vocab:
+        raise ValueError(f"model vocab_size {model.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer_vocab} (sentencepiece pieces plus control tokens)")

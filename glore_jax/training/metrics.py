@@ -1,0 +1,91 @@
+"""Where training metrics go: `metrics.jsonl`, TensorBoard events, and a progress bar or log lines.
+
+Only process 0 writes. On resume, jsonl lines past the restored step are
+dropped: they describe steps that will be run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+# Dense bf16 peak per chip, TFLOP/s; MFU is an estimate, so the nearest
+# published figure is good enough. Keys are matched against device_kind.
+_PEAK_TFLOPS = (("v6", 918.0), ("v5p", 459.0), ("v5", 197.0), ("v4", 275.0), ("v3", 123.0),
+                ("h200", 989.0), ("h100", 989.0), ("a100", 312.0))
+_CPU_TFLOPS = 0.1  # a few cores' worth; CPU MFU is only a sanity check
+
+
+def peak_tflops(configured: float, device: jax.Device | None = None) -> float:
+    """Per-device peak: the configured value, else a guess from the device kind."""
+    if configured > 0:
+        return configured
+    device = device or jax.devices()[0]
+    kind = device.device_kind.lower()
+    for key, value in _PEAK_TFLOPS:
+        if key in kind:
+            return value
+    return _CPU_TFLOPS if device.platform == "cpu" else 100.0
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, *, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self._path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if not self.enabled:
+            return
+        if os.path.exists(self._path):
+            with open(self._path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self._path, "w") as f:
+                f.writelines(kept)
+        from tensorboardX import SummaryWriter  # heavy import, only on the writing process
+        self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with open(self._path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step":
+                self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise (batch logs stay readable)."""
+
+    def __init__(self, start: int, total: int, *, desc: str):
+        self._bar = None
+        if jax.process_index() == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+        self._desc = desc
+
+    def update(self, step: int, metrics: dict[str, float] | None) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            if metrics:
+                self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        elif metrics and jax.process_index() == 0:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+            logging.info("%s step %d: %s", self._desc, step, shown)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

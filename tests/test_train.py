@@ -1,0 +1,229 @@
+"""The training loop: overfitting, exact resume, preemption, mesh invariance, config errors, NaN stops."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glore_jax import objectives, trainer
+from glore_jax.data.labelled import SyntheticLabelled
+from glore_jax.data.store import RecordsFile, write_records
+from glore_jax.models import checkpoints as model_checkpoints, init_params, preset
+from glore_jax.sharding import make_mesh
+from glore_jax.tasks import SyntheticConfig, generate_split
+from glore_jax.tokenizer import train_tokenizer
+from glore_jax.training.checkpoints import Checkpoints
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.py"
+TASK = SyntheticConfig(train_size=48, test_size=8, min_steps=1, max_steps=2, seed=3)
+
+
+def _smoke():
+    sys.path.insert(0, str(SMOKE.parent))
+    try:
+        import smoke
+    finally:
+        sys.path.pop(0)
+    return smoke.get_config()
+
+
+@pytest.fixture(scope="module")
+def task_records():
+    return list(generate_split(TASK, "train"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory, task_records):
+    path = tmp_path_factory.mktemp("tok") / "synthetic.model"
+    train_tokenizer((t for r in task_records for t in (r["question"], r["answer"])), 320, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def _config(tokenizer_path, workdir, **train):
+    c = _smoke()
+    c.workdir = str(workdir)
+    c.data.tokenizer = tokenizer_path
+    c.data.eval_split = ""
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _max_diff(a, b):
+    a, b = jax.device_get((a, b))
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                                             jax.tree_util.tree_leaves(b)))
+
+
+@pytest.mark.parametrize("objective", ["sft", "sorm"])
+def test_tiny_model_overfits_a_fixed_batch(objective, task_records, tokenizer_path, one_device, tmp_path):
+    records = SyntheticLabelled(task_records[:8], seed=1)[:]  # exactly one batch, seen every step
+    steps = 120 if objective == "sft" else 80
+    c = _config(tokenizer_path, tmp_path, total_steps=steps, log_every=1, warmup_steps=5, checkpoint_every=1000,
+                learning_rate=1e-2 if objective == "sft" else 3e-3)
+    trainer.train(c, objective=objective, records=records, mesh=one_device)
+    losses = [row["loss"] for row in _metrics(tmp_path)]
+    assert len(losses) == steps
+    assert losses[-1] <= 0.2 * losses[0], (losses[0], losses[-1])
+    if objective == "sorm":
+        assert _metrics(tmp_path)[-1]["step_accuracy"] == 1.0
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    def prepare(state, batch, rng):
+        del rng
+        if int(state.step) == step:
+            raise _Crash(step)
+        return batch
+    return dataclasses.replace(objectives.get("sft"), prepare_batch=prepare)
+
+
+def test_resume_is_exact_including_data_order(task_records, tokenizer_path, one_device, tmp_path):
+    # 24 records in batches of 8: the 8 steps cross shuffled epochs, so a
+    # resume that lost the iterator state would see different batches.
+    records = task_records[:24]
+    c = _config(tokenizer_path, tmp_path / "a", total_steps=8, checkpoint_every=4, log_every=1)
+    _, params_a = trainer.train(c, records=records, mesh=one_device)
+
+    c.workdir = str(tmp_path / "b")
+    with pytest.raises(_Crash):
+        trainer.train(c, objective=_crash_at(5), records=records, mesh=one_device)
+    assert Checkpoints(c.workdir, max_to_keep=2).latest_step() == 4
+    _, params_b = trainer.train(c, records=records, mesh=one_device)
+
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 9))  # lines past the checkpoint were replaced
+    assert abs(a[-1]["loss"] - b[-1]["loss"]) < 1e-5
+    assert _max_diff(params_a, params_b) < 1e-5
+    # A finished workdir is not retrained: the saved model comes back.
+    _, params_c = trainer.train(c, records=records, mesh=one_device)
+    assert _max_diff(params_a, params_c) < 1e-5 and len(_metrics(tmp_path / "b")) == 8
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(task_records, tokenizer_path, one_device, tmp_path):
+    def poison(state, batch, rng):
+        del rng
+        return {**batch, "loss_mask": batch["loss_mask"] * jnp.nan} if int(state.step) == 5 else batch
+
+    nan_sft = dataclasses.replace(objectives.get("sft"), prepare_batch=poison)
+    c = _config(tokenizer_path, tmp_path, total_steps=8, checkpoint_every=2)
+    with pytest.raises(trainer.NonFiniteLoss, match="at step 6.*step 4"):
+        trainer.train(c, objective=nan_sft, records=task_records, mesh=one_device)
+    assert Checkpoints(c.workdir, max_to_keep=2).latest_step() == 4
+    _, params = trainer.train(c, records=task_records, mesh=one_device)  # resumes from 4 and finishes
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
+    assert [r["step"] for r in _metrics(tmp_path)][-1] == 8
+
+
+def test_one_step_matches_on_8_device_mesh(task_records, tokenizer_path, one_device, tmp_path):
+    results = {}
+    for name, mesh, accum in (("one", one_device, 1), ("eight", make_mesh((2, 2, 2)), 2)):
+        c = _config(tokenizer_path, tmp_path / name, total_steps=1, warmup_steps=0, grad_accum=accum,
+                    learning_rate=1e-3)
+        results[name] = trainer.train(c, records=task_records, mesh=mesh)[1]
+        assert len(jax.tree_util.tree_leaves(results[name])[0].sharding.device_set) == mesh.size
+    loss_one, loss_eight = (_metrics(tmp_path / n)[0]["loss"] for n in ("one", "eight"))
+    assert abs(loss_one - loss_eight) < 1e-5
+    # Adam's first update is ~lr * g/|g|, which amplifies summation-order noise
+    # where |g| is near eps; 1% of a step bounds that, any real bug moves params by ~lr.
+    assert _max_diff(results["one"], results["eight"]) < 1e-2 * c.train.learning_rate
+
+
+def test_value_model_starts_from_policy_workdir(task_records, tokenizer_path, one_device, tmp_path):
+    # A 256-row checkpoint is too small for the tokenizer (320 pieces + control tokens): rows are added.
+    small = preset("tiny", vocab_size=256)
+    small_params = init_params(small, jax.random.key(7))
+    c = _config(tokenizer_path, tmp_path / "policy", total_steps=2, learning_rate=1e-9, warmup_steps=0)
+    policy_config, policy = trainer.train(c, records=task_records, init_params=(small, small_params),
+                                          mesh=one_device)
+    assert policy_config.vocab_size == 384
+    emb = np.asarray(policy["backbone"]["embedding"])
+    assert np.allclose(emb[:256], np.asarray(small_params["backbone"]["embedding"]), atol=1e-6)
+    assert np.allclose(emb[256:], np.asarray(small_params["backbone"]["embedding"]).mean(0), atol=1e-6)
+    labelled = tmp_path / "sorm.jsonl"
+    write_records(labelled, SyntheticLabelled(task_records[:16]))
+    c = _config(tokenizer_path, tmp_path / "sorm", total_steps=1, learning_rate=1e-9, warmup_steps=0)
+    config, params = trainer.train(c, objective="sorm", records=str(labelled), init_from=str(tmp_path / "policy"),
+                                   mesh=one_device)
+    assert config.heads == ("value",) and config.vocab_size == policy_config.vocab_size
+    assert _max_diff(policy["backbone"], params["backbone"]) < 1e-6  # lr ~0: still the policy's backbone
+    saved_config, _ = model_checkpoints.load_model(tmp_path / "sorm" / "model")
+    assert saved_config == config
+
+
+def test_smoke_config_trains_from_the_task_with_eval(tmp_path, one_device):
+    c = _smoke()
+    c.workdir = str(tmp_path)
+    c.train.total_steps = 4
+    c.train.eval_every = 2
+    trainer.train(c, objective="orm", mesh=one_device)
+    rows = _metrics(tmp_path)
+    assert {"loss", "step_accuracy", "final_accuracy", "eval_loss", "learning_rate", "grad_norm", "mfu",
+            "tokens_per_sec"} <= set(rows[-1])
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "model" / "model_config.json").exists()
+
+
+def _cli(*args, **popen):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.Popen([sys.executable, "-m", "glore_jax.train", f"--config={SMOKE}", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_misspelled_override_fails_naming_the_key(tmp_path):
+    out, _ = _cli(f"--config.workdir={tmp_path}", "--config.train.no_such_knob=3").communicate(timeout=60)
+    assert "train.no_such_knob" in out and "unknown config key" in out
+    proc = _cli(f"--config.workdir={tmp_path}", "--config.objective=ppo")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "'ppo'" in out and "sorm" in out
+
+
+def test_sigterm_saves_current_step_and_restart_resumes(task_records, tokenizer_path, tmp_path):
+    records = tmp_path / "records.jsonl"
+    write_records(records, task_records)
+    assert len(RecordsFile(records)) == len(task_records)
+    common = [f"--config.workdir={tmp_path / 'run'}", f"--config.data.tokenizer={tokenizer_path}",
+              f"--config.data.records={records}", "--config.data.eval_split=", "--config.train.log_every=1",
+              "--config.train.checkpoint_every=100000"]
+    proc = _cli(*common, "--config.train.total_steps=100000")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out, _ = proc.communicate(timeout=30)
+    assert time.time() - sent < 15 and proc.returncode == 0, out[-3000:]
+    step = Checkpoints(str(tmp_path / "run"), max_to_keep=2).latest_step()
+    assert step is not None and step >= 3 and f"saved a checkpoint at step {step}" in out
+
+    out, _ = _cli(*common, f"--config.train.total_steps={step + 2}").communicate(timeout=120)
+    assert f"resuming {tmp_path / 'run'} from step {step}" in out, out[-3000:]
+    assert [r["step"] for r in json.loads("[" + ",".join(metrics.read_text().splitlines()) + "]")][-3:] == \
+        [step, step + 1, step + 2]
