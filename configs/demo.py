@@ -1,50 +1,39 @@
-"""The `demo` preset through every GLoRe stage on the synthetic task (CPU/one accelerator, minutes).
+"""The `demo` preset through every GLoRe stage on the synthetic task, from scratch, on CPU.
 
+    python -m glore_jax.pipeline                                    # all stages (this is the default config)
     python -m glore_jax.train --config=configs/demo.py:sorm --config.workdir=/tmp/demo/sorm
 
-The argument picks the stage; `get_config()` without one is the policy
-stage. Each stage is the shared config plus its objective, prompt format
-and train knobs (`STAGES`), which is also how `glore_jax.pipeline` derives
-them. Without records or init_from, value and refiner stages train on
-synthetic labelled data (`glore_jax.data.labelled`) from scratch.
+`get_config(stage)` is the shared config with one stage's training
+overrides applied (`stages.<name>`); the pipeline derives every stage from
+the same shared config. Sizes are set so the whole recipe fits in about 30
+minutes on 2 CPU cores (bf16 compute, float32 params).
 """
 
+from glore_jax.recipe.config import add_pipeline, stage_config
 from glore_jax.training.config import base_config, locked
-
-# stage -> (objective, prompt format, train overrides)
-STAGES = {
-    "policy": ("sft", "policy", {"total_steps": 3000, "learning_rate": 1e-3}),
-    "orm": ("orm", "orm", {"total_steps": 1500, "learning_rate": 3e-4}),
-    "sorm": ("sorm", "sorm", {"total_steps": 1500, "learning_rate": 3e-4}),
-    "global_refiner": ("sft", "global_refiner", {"total_steps": 1500, "learning_rate": 5e-4}),
-    "local_refiner": ("sft", "local_refiner", {"total_steps": 1500, "learning_rate": 5e-4}),
-}
-
-
-def shared():
-    c = base_config()
-    c.model.preset = "demo"
-    c.data.max_len = 320
-    c.data.tokenizer_vocab_size = 1000
-    c.data.synthetic.train_size = 20_000
-    c.data.synthetic.test_size = 500
-    c.train.batch_size = 32
-    c.train.warmup_steps = 100
-    c.train.weight_decay = 0.01
-    c.train.log_every = 25
-    c.train.eval_every = 250
-    c.train.eval_batches = 8
-    c.train.checkpoint_every = 500
-    return c
 
 
 def get_config(stage: str | None = None):
-    stage = stage or "policy"
-    if stage not in STAGES:
-        raise ValueError(f"unknown demo stage {stage!r}; valid stages: {list(STAGES)}")
-    objective, prompt_format, train = STAGES[stage]
-    c = shared()
-    c.objective, c.data.prompt_format = objective, prompt_format
-    for key, value in train.items():
-        c.train[key] = value
-    return locked(c)
+    c = base_config()
+    c.workdir = "workdir/demo"
+    c.model.preset = "demo"
+    c.model.dtype = "bfloat16"
+    c.data.max_len = 256
+    c.data.tokenizer_vocab_size = 400
+    c.data.synthetic.train_size = 8000
+    c.data.synthetic.test_size = 200
+    c.data.synthetic.min_steps = 2
+    c.data.synthetic.max_steps = 4
+    c.train.batch_size = 32
+    c.train.warmup_steps = 30
+    c.train.weight_decay = 0.01
+    c.train.log_every = 25
+    c.train.eval_every = 0
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 100
+    add_pipeline(c, {"policy": (600, 2e-3), "orm": (150, 5e-4), "sorm": (150, 5e-4),
+                     "global_refiner": (150, 1e-3), "local_refiner": (150, 1e-3)},
+                 ei_rounds=1, ei_k=4, orm_k=4, train_questions=512, sorm_solutions=384, sorm_k=4,
+                 test_questions=200, value_eval_k=2, max_new_tokens=128, max_prompt_len=256,
+                 sample_rows=64, shard_size=128)
+    return stage_config(locked(c), stage or "policy")

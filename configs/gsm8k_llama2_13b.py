@@ -1,10 +1,16 @@
 """GLoRe's GSM8K setting with LLaMA-2 13B on a TPU pod; as `gsm8k_llama2_7b.py` with the larger model."""
 
+import importlib.util
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gsm8k_llama2_7b as base  # noqa: E402
+from glore_jax.recipe.config import stage_config
+from glore_jax.training.config import locked
+
+# Config files are loaded by path, not as a package: load the 7B file beside this one.
+_spec = importlib.util.spec_from_file_location(
+    "gsm8k_llama2_7b", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k_llama2_7b.py"))
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
 
 CHECKPOINT = "ckpt/llama2_13b"
 TOKENIZER = "ckpt/llama2_13b/tokenizer.model"
@@ -13,4 +19,4 @@ TOKENIZER = "ckpt/llama2_13b/tokenizer.model"
 def get_config(stage: str | None = None):
     c = base.shared(CHECKPOINT, TOKENIZER)
     c.model.preset = "llama2_13b"
-    return base.stage_config(c, stage)
+    return stage_config(locked(c), stage or "policy")

@@ -12,17 +12,14 @@ a small learning rate; the step counts here are about 2 epochs of GSM8K's
 set total_steps from them).
 """
 
+from glore_jax.recipe.config import add_pipeline, stage_config
 from glore_jax.training.config import base_config, locked
 
 CHECKPOINT = "ckpt/llama2_7b"                      # python -m glore_jax.convert --out_dir
 TOKENIZER = "ckpt/llama2_7b/tokenizer.model"       # the HF repo's sentencepiece file
-STAGES = {
-    "policy": ("sft", "policy", {"total_steps": 120, "learning_rate": 1e-5}),
-    "orm": ("orm", "orm", {"total_steps": 1000, "learning_rate": 1e-6}),
-    "sorm": ("sorm", "sorm", {"total_steps": 1000, "learning_rate": 1e-6}),
-    "global_refiner": ("sft", "global_refiner", {"total_steps": 300, "learning_rate": 1e-5}),
-    "local_refiner": ("sft", "local_refiner", {"total_steps": 300, "learning_rate": 1e-5}),
-}
+# stage -> (total_steps, learning_rate)
+STEPS = {"policy": (120, 1e-5), "orm": (1000, 1e-6), "sorm": (1000, 1e-6), "global_refiner": (300, 1e-5),
+         "local_refiner": (300, 1e-5)}
 
 
 def shared(checkpoint: str = CHECKPOINT, tokenizer: str = TOKENIZER):
@@ -43,19 +40,12 @@ def shared(checkpoint: str = CHECKPOINT, tokenizer: str = TOKENIZER):
     c.train.eval_every = 50
     c.train.eval_batches = 4
     c.train.checkpoint_every = 50
+    # The paper's sampling budget: K=96 samples per question for Expert
+    # Iteration, 8 rollouts per step prefix for SORM labels.
+    add_pipeline(c, STEPS, ei_rounds=1, ei_k=96, ei_from_base=True, orm_k=16, sorm_k=8, sorm_solutions=0,
+                 temperature=1.0, max_new_tokens=320, max_prompt_len=768, sample_rows=256, shard_size=256)
     return c
 
 
-def stage_config(c, stage: str | None):
-    stage = stage or "policy"
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; valid stages: {list(STAGES)}")
-    objective, prompt_format, train = STAGES[stage]
-    c.objective, c.data.prompt_format = objective, prompt_format
-    for key, value in train.items():
-        c.train[key] = value
-    return locked(c)
-
-
 def get_config(stage: str | None = None):
-    return stage_config(shared(), stage)
+    return stage_config(locked(shared()), stage or "policy")

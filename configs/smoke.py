@@ -1,12 +1,14 @@
-"""Tiny model on a small synthetic task: every objective trains in seconds (tests and CI).
+"""Tiny model on a small synthetic task: every objective and every pipeline stage runs in seconds.
 
     python -m glore_jax.train --config=configs/smoke.py --config.workdir=/tmp/smoke [--config.objective=sorm]
+    python -m glore_jax.pipeline --config=configs/smoke.py --config.workdir=/tmp/smoke_pipeline
 """
 
+from glore_jax.recipe.config import add_pipeline, stage_config
 from glore_jax.training.config import base_config, locked
 
 
-def get_config():
+def get_config(stage: str | None = None):
     c = base_config()
     c.model.preset = "tiny"
     c.data.max_len = 128
@@ -23,4 +25,7 @@ def get_config():
     c.train.eval_every = 10
     c.train.eval_batches = 1
     c.train.checkpoint_every = 10
-    return locked(c)
+    add_pipeline(c, {name: (20, 3e-3) for name in ("policy", "orm", "sorm", "global_refiner", "local_refiner")},
+                 ei_k=2, orm_k=2, sorm_k=2, train_questions=16, test_questions=8, value_eval_k=1,
+                 max_new_tokens=48, max_prompt_len=112, sample_rows=16, shard_size=8)
+    return stage_config(locked(c), stage or "policy")

@@ -75,8 +75,9 @@ def test_local_pairs_mark_the_first_negative_step(shared_dir):
     pairs, skipped = refine_data.local_pairs(labelled)
     assert skipped["draft_correct"] == 1
     by_q = {p["question"]: p for p in pairs}
-    assert by_q["q1"]["bad_step"] == 1 and by_q["q1"]["target"] == "#### 10"
-    assert by_q["q3"]["bad_step"] == 2 and by_q["q3"]["target"] == "#### 9"
+    assert by_q["q1"]["bad_step"] == 1 and by_q["q1"]["target"] == "a = 1\n#### 10"
+    assert by_q["q3"]["bad_step"] == 2 and by_q["q3"]["target"] == "p = 1\nq = 2\n#### 9"
+    assert prompts.local_continuation(by_q["q1"]["target"], 1) == "#### 10"
 
     tok = Tokenizer.load(shared_dir / "tokenizers" / "mistral-7b-v0.1" / "tokenizer.model")
     p = by_q["q1"]
@@ -87,7 +88,7 @@ def test_local_pairs_mark_the_first_negative_step(shared_dir):
     assert tok.decode(ids[draft_start:cut]).strip() == "a = 1"
     assert tok.decode(ids[cut + 1:]).lstrip().startswith("b = 2")
     # the full refined solution keeps the steps before the marker and appends the fix
-    assert prompts.splice_local(p["draft"], p["bad_step"], p["target"]) == "a = 1\n#### 10"
+    assert prompts.splice_local(p["draft"], p["bad_step"], "#### 10") == p["target"]
 
 
 def test_global_pairs_pair_wrong_with_right_samples_of_the_same_question():
@@ -124,3 +125,16 @@ def test_value_accuracy_against_exact_synthetic_truth():
     assert perfect["step_accuracy"] == 1.0 and perfect["final_accuracy"] == 1.0
     flipped = value_eval.value_accuracy([1 - np.array(truth)], [truth], [wrong])
     assert flipped["step_accuracy"] == 0.0 and flipped["num_steps"] == n - 1
+
+
+def test_reference_fallback_supplies_targets_and_is_counted():
+    labelled = sorm_labels.label_solutions(ITEMS, lambda q, k: [["#### 0"] * k for _ in q],
+                                           sorm_labels.LabelConfig(k=2, balance=False))
+    refs = {"q1": "a = 1\nb = 5\nc = 9\n#### 10", "q3": "p = 1\nq = 8\n#### 9"}
+    assert refine_data.local_pairs(labelled)[0] == []
+    pairs, _ = refine_data.local_pairs(labelled, references=refs)
+    by_q = {p["question"]: p for p in pairs}
+    # nothing verifies, so every step is negative: the marker goes before step 0 and the target is the reference
+    assert by_q["q1"]["bad_step"] == 0 and by_q["q1"]["target"] == refs["q1"] and by_q["q1"]["source"] == "reference"
+    g = refine_data.global_pairs([("q1", "10", ["#### 3"])], references=refs)
+    assert g == [{"question": "q1", "gold": "10", "draft": "#### 3", "target": refs["q1"], "source": "reference"}]

@@ -164,3 +164,14 @@ def test_stop_string_newline_ends_a_step(shared_dir, params):
     newline_like = (free[1][2],)
     out = S.generate(TINY, params, PROMPTS, 12, stop_ids=newline_like)
     assert out[1] == free[1][:free[1].index(newline_like[0]) + 1]
+
+
+def test_vocab_limit_is_never_exceeded(params):
+    sampler = S.Sampler(TINY, vocab_limit=100)
+    toks, lens = S.pad_prompts(PROMPTS, TINY.vocab_size, rows=4, length=16)
+    for temperature in (0.0, 2.0):
+        st = sampler.sample(params, toks, lens, max_new=16, strategy=S.SamplingStrategy(temperature=temperature),
+                            stop=S.StopCondition(), seed=5)
+        assert np.asarray(st.tokens).max() < 100
+    free = S.generate(TINY, params, PROMPTS, 16, temperature=2.0, seed=5)
+    assert max(max(r) for r in free) >= 100  # without the limit, such ids do come up

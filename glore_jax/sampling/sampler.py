@@ -70,13 +70,17 @@ class Sampler:
     """
 
     def __init__(self, config: ModelConfig, *, mesh: Mesh | None = None,
-                 rules: Sequence[tuple[str, Any]] = shd.LOGICAL_RULES, pad_id: int = 0):
+                 rules: Sequence[tuple[str, Any]] = shd.LOGICAL_RULES, pad_id: int = 0,
+                 vocab_limit: int | None = None):
         if "lm" not in config.heads:
             raise ValueError(f"Sampling needs an 'lm' head; config.heads={config.heads}")
         self.config = config
         self.mesh = mesh if mesh is not None else shd.single_device_mesh()
         self.rules = rules
         self.pad_id = pad_id
+        # Embedding rows past the tokenizer's vocab (padded for even sharding)
+        # have no piece; they are never sampled.
+        self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < config.vocab_size else None
         m, r = self.mesh, rules
         self.batch_multiple = int(m.shape["data"] * m.shape["fsdp"])
         self._params = param_shardings(config, m, r)
@@ -132,7 +136,7 @@ class Sampler:
                stop: StopCondition) -> SamplingState:
         b = logits.shape[0]
         keys = _row_keys(seed, row_ids)
-        tok, lp = select(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, 0), strategy)
+        tok, lp = select(self._limit(logits), jax.vmap(jax.random.fold_in, (0, None))(keys, 0), strategy)
         tokens = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(tok)
         logprobs = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp)
         return SamplingState(cache=cache, tokens=tokens, logprobs=logprobs,
@@ -153,7 +157,7 @@ class Sampler:
                 out = apply(self.config, params, last, s.position[:, None], cache=s.cache,
                             cache_index=prompt_len + s.step - 1, want_values=False)
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
-            tok, lp = select(out.logits[:, 0], step_keys, strategy)
+            tok, lp = select(self._limit(out.logits[:, 0]), step_keys, strategy)
             tok = jnp.where(s.done, self.pad_id, tok)
             lp = jnp.where(s.done, 0.0, lp)
             return s.replace(
@@ -167,6 +171,11 @@ class Sampler:
             )
 
         return jax.lax.while_loop(cond, body, state)
+
+    def _limit(self, logits: jax.Array) -> jax.Array:
+        if self.vocab_limit is None:
+            return logits
+        return jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_limit, logits, -jnp.inf)
 
     # ----- host-side entry points -----
 
@@ -210,14 +219,15 @@ class Sampler:
 
     def _run(self, params, cache, logits, lengths, row_ids, seed, max_new, strategy, stop, limit):
         limit = max_new if limit is None else min(limit, max_new)
-        seed = jnp.asarray(seed, jnp.uint32)
+        seed = jnp.asarray(int(seed) % 2**32, jnp.uint32)  # any Python int names a stream
         state = self.start(cache, logits, lengths, row_ids, seed, jnp.asarray(limit, jnp.int32),
                            max_new, strategy, stop)
         return self.decode(params, state, strategy, stop)
 
 
 @functools.lru_cache(maxsize=16)
-def sampler_for(config: ModelConfig, mesh: Mesh | None = None, pad_id: int = 0) -> Sampler:
-    """One Sampler (and so one set of compiled programs) per config and mesh."""
-    return Sampler(config, mesh=mesh, pad_id=pad_id)
+def sampler_for(config: ModelConfig, mesh: Mesh | None = None, pad_id: int = 0,
+                vocab_limit: int | None = None) -> Sampler:
+    """One Sampler (and so one set of compiled programs) per config, mesh and vocab."""
+    return Sampler(config, mesh=mesh, pad_id=pad_id, vocab_limit=vocab_limit)
 

@@ -65,7 +65,9 @@ def state_shardings(model: ModelConfig, tx: optax.GradientTransformation, mesh: 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int,
                shardings: TrainState) -> TrainState:
-    params = jax.device_put(params, shardings.params)
+    # A copy: the train step donates the state, and the caller's arrays (e.g.
+    # a policy that several stages start from) must survive that.
+    params = jax.device_put(params, shardings.params, may_alias=False)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)

@@ -1,0 +1,185 @@
+"""The whole GLoRe recipe as resumable stages: `python -m glore_jax.pipeline [--config=FILE] [--config.k=v]`.
+
+With no arguments it runs `configs/demo.py`: the `demo` preset, from scratch,
+on the synthetic arithmetic task, on CPU. Stages, in order:
+
+  policy            SFT on the train split
+  ei_<r>_samples    K samples per train question, graded        } Expert Iteration,
+  ei_<r>            SFT on the SFT set + distinct correct samples  } r = 1..ei_rounds
+  orm_samples       the policy's samples, labelled by final answer
+  orm               value model from the policy, `orm` objective
+  sorm_labels       K rollouts per step prefix -> step labels (saved with rollouts)
+  sorm              value model from the policy, `sorm` objective
+  refine_data       global pairs (wrong -> right) and local pairs ([BAD] -> verified rollout)
+  global_refiner    SFT on global pairs
+  local_refiner     SFT on local pairs
+  inference         greedy draft; ORM decides when, SORM where; global + local; ORM rerank
+  value_eval        ORM vs SORM step accuracy against ground truth
+  report            report.json, report.md, plots
+
+Everything goes under `--config.workdir` (`stages/<name>/`). A finished
+stage is skipped on re-run; a killed stage resumes (see `recipe.workspace`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+from absl import app
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
+
+
+def run(config) -> dict:
+    """Runs (or resumes) every stage; returns the report dict."""
+    import jax
+
+    from glore_jax import data, sharding
+    from glore_jax.recipe import report as report_lib, stages as S
+    from glore_jax.recipe.workspace import Workspace, log, records_path
+    from glore_jax.training import config as train_config, inputs
+
+    if not config.workdir:
+        raise ValueError("workdir must be set (e.g. --config.workdir=workdir/demo)")
+    if "glore" not in config:
+        raise ValueError("this config has no pipeline section (`glore`); build it with recipe.config.add_pipeline")
+    g = config.glore
+    mesh = sharding.make_mesh(train_config.mesh_config(config))
+    tokenizer = inputs.load_tokenizer(config)
+    train = list(inputs.task_split(config, "train"))
+    test = list(inputs.task_split(config, "test"))
+    ctx = S.Context(config=config, mesh=mesh, tokenizer=tokenizer, train=train, test=test)
+    ws = Workspace(config.workdir, total_stages=11 + 2 * g.ei_rounds)
+    log(f"task {config.data.task}: {len(train)} train / {len(test)} test; model {config.model.preset}; "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s); workdir {ws.root}")
+    questions = train[:g.train_questions or None]
+    trained: dict[str, S.Model] = {}
+
+    def train_stage(name, stage, **kw):
+        out = {}
+
+        def body(d):
+            cfg, _ = trained.setdefault(name, ctx.train_model(stage, d, **kw))
+            return {"model": os.path.join(d, "model"), "params_m": cfg.num_params() / 1e6}
+        out.update(ws.run(name, body))
+        if name not in trained:  # finished earlier: the trainer loads the final model without training
+            trained[name] = ctx.train_model(stage, ws.stage_dir(name), **kw)
+        return out
+
+    summary: dict = {}
+    train_stage("policy", "policy")
+    for r in range(1, g.ei_rounds + 1):
+        policy = trained["policy" if r == 1 else f"ei_{r - 1}"]
+
+        def ei_samples(d, policy=policy, r=r):
+            samples = S.sample_solutions(ctx, policy, questions, g.ei_k, d, f"EI round {r} samples", seed=100 + r)
+            records, kept = S.expert_iteration_records(ctx, samples)
+            records_path(d, "sft_records.jsonl", records)
+            return {**S.summarize_samples(samples), "kept_correct_distinct": kept}
+        summary[f"ei_{r}"] = ws.run(f"ei_{r}_samples", ei_samples)
+        # The paper re-fine-tunes from the base model each round (here: a fresh init, or config.init_from).
+        init = None if g.ei_from_base else policy
+        train_stage(f"ei_{r}", "policy", records=os.path.join(ws.stage_dir(f"ei_{r}_samples"), "sft_records.jsonl"),
+                    init=init)
+    policy = trained[f"ei_{g.ei_rounds}" if g.ei_rounds else "policy"]
+
+    def orm_samples(d):
+        samples = S.sample_solutions(ctx, policy, questions, g.orm_k, d, "ORM samples", seed=200)
+        records_path(d, "orm_records.jsonl", S.orm_records(samples))
+        return S.summarize_samples(samples)
+    summary["orm_samples"] = ws.run("orm_samples", orm_samples)
+    orm_dir = ws.stage_dir("orm_samples")
+    train_stage("orm", "orm", records=os.path.join(orm_dir, "orm_records.jsonl"), init=policy)
+
+    def sorm_label_stage(d):
+        samples = [r for r in data.store.RecordsFile(os.path.join(orm_dir, "orm_records.jsonl"))]
+        items = [(r["question"], r["gold"], r["solution"]) for r in samples][:g.sorm_solutions or None]
+        labelled = S.label_by_rollouts(ctx, policy, items, d, balance=g.balance, seed=config.seed)
+        records_path(d, "sorm_labels.jsonl", labelled)     # labels with their rollouts, for inspection/reuse
+        records_path(d, "sorm_records.jsonl", [{"question": r["question"], "solution": r["solution"],
+                                                "step_labels": r["labels"]} for r in labelled])
+        return {"solutions": len(labelled), **S.label_stats(labelled)}
+    summary["sorm_labels"] = ws.run("sorm_labels", sorm_label_stage)
+    sorm_dir = ws.stage_dir("sorm_labels")
+    train_stage("sorm", "sorm", records=os.path.join(sorm_dir, "sorm_records.jsonl"), init=policy)
+
+    def refine_stage(d):
+        groups = _regroup(data.store.RecordsFile(os.path.join(orm_dir, "orm_records.jsonl")))
+        labelled = list(data.store.RecordsFile(os.path.join(sorm_dir, "sorm_labels.jsonl")))
+        global_pairs, local_pairs, skipped = S.refinement_records(ctx, groups, labelled)
+        records_path(d, "global_records.jsonl", global_pairs)
+        records_path(d, "local_records.jsonl", local_pairs)
+        count = lambda pairs, src: sum(p["source"] == src for p in pairs)
+        if not global_pairs or not local_pairs:
+            raise RuntimeError(f"no refinement pairs (global {len(global_pairs)}, local {len(local_pairs)}; "
+                               f"local skipped: {skipped}): sample more (glore.orm_k, glore.train_questions) "
+                               "or enable glore.reference_fallback")
+        return {"global_pairs": len(global_pairs), "global_from_reference": count(global_pairs, "reference"),
+                "local_pairs": len(local_pairs), "local_from_reference": count(local_pairs, "reference"),
+                "local_skipped": skipped}
+    summary["refine_data"] = ws.run("refine_data", refine_stage)
+    refine_dir = ws.stage_dir("refine_data")
+    train_stage("global_refiner", "global_refiner", records=os.path.join(refine_dir, "global_records.jsonl"),
+                init=policy)
+    train_stage("local_refiner", "local_refiner", records=os.path.join(refine_dir, "local_records.jsonl"),
+                init=policy)
+    models = {"policy": policy, **{k: trained[k] for k in ("orm", "sorm", "global_refiner", "local_refiner")}}
+
+    def inference_stage(d):
+        results, rows = S.inference(ctx, models)
+        S.write_rows(d, rows)
+        return results
+    results = ws.run("inference", inference_stage)
+
+    def value_stage(d):
+        evals, truth = S.value_evaluation(ctx, models, d)
+        return {"evals": evals, "truth": truth}
+    value = ws.run("value_eval", value_stage)
+
+    def report_stage(d):
+        del d
+        rep = {
+            "task": config.data.task, "preset": config.model.preset, "seed": config.seed,
+            "num_test": len(test[:g.test_questions or None]),
+            "results": {**results,
+                        **{f"{m}_{k}_accuracy": value["evals"][m][f"{k}_accuracy"] for m in ("orm", "sorm")
+                           for k in ("step", "final")}},
+            "value_eval": value["evals"], "step_truth": value["truth"], "stages": summary,
+            "timings": dict(ws.timings), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                    "devices": [str(x) for x in jax.devices()]},
+            "config": config.to_dict(),
+        }
+        md = report_lib.write_report(rep, ws.root)
+        print(md, flush=True)
+        return {"report": os.path.join(ws.root, "report.json")}
+    ws.run("report", report_stage)
+    with open(os.path.join(ws.root, "report.json")) as f:
+        return json.load(f)
+
+
+def _regroup(records) -> list[dict]:
+    """ORM records (one per sample) back into {question, gold, solutions} groups."""
+    groups: dict[str, dict] = {}
+    for r in records:
+        grp = groups.setdefault(r["question"], {"question": r["question"], "gold": r["gold"], "solutions": []})
+        grp["solutions"].append(r["solution"])
+    return list(groups.values())
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if os.environ.get("GLORE_DISTRIBUTED") == "1":
+        import jax
+        jax.distributed.initialize()
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

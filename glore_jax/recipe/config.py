@@ -1,0 +1,79 @@
+"""One experiment config for the whole recipe: shared keys, per-stage training overrides, pipeline knobs.
+
+An experiment file's `get_config()` returns the shared config plus
+  stages.<name>  {objective, prompt_format, total_steps, learning_rate} for each trained model;
+  glore          sampling and inference knobs of the pipeline.
+`glore_jax.train --config=FILE:stage` trains one stage (`stage_config`), and
+`glore_jax.pipeline --config=FILE` runs them all, each stage deriving its
+training config from the same shared one, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ml_collections import ConfigDict
+
+# stage -> (objective, prompt format); the order is the pipeline's.
+TRAINED_STAGES = {
+    "policy": ("sft", "policy"),
+    "orm": ("orm", "orm"),
+    "sorm": ("sorm", "sorm"),
+    "global_refiner": ("sft", "global_refiner"),
+    "local_refiner": ("sft", "local_refiner"),
+}
+
+
+def glore_knobs() -> ConfigDict:
+    g = ConfigDict()
+    g.ei_rounds = 1                 # Expert Iteration rounds after SFT
+    g.ei_k = 4                      # samples per train question per round (paper: 96)
+    g.ei_from_base = True           # re-fine-tune from the base model each round (paper) or continue
+    g.train_questions = 0           # train questions used for sampling stages (0 = all)
+    g.temperature = 0.7             # sampling temperature of EI, ORM data and best-of-n
+    g.orm_k = 4                     # samples per train question for ORM / refinement data
+    g.sorm_solutions = 0            # sampled solutions to label by rollouts (0 = all ORM samples)
+    g.sorm_k = 8                    # rollouts per step prefix
+    g.check_intermediate = False    # a verifying rollout must reuse the step's result
+    g.balance = True                # balance SORM positives/negatives per step index
+    g.global_pairs_per_question = 4
+    g.reference_fallback = True     # refinement targets from reference solutions when the policy has none
+    g.test_questions = 0            # test questions for inference (0 = all)
+    g.orm_threshold = 0.5           # when: refine if ORM P(correct) of the draft is below this
+    g.sorm_threshold = 0.5          # where: the first step whose SORM value is below this
+    g.best_of = 3
+    g.value_eval_k = 2              # policy samples per test question for ORM/SORM step accuracy
+    g.max_new_tokens = 256
+    g.max_prompt_len = 256          # refiner prompts hold question + draft; see data.max_len
+    g.sample_rows = 64              # sequences per compiled sampler call
+    g.shard_size = 128              # questions per resumable output shard of a sampling stage
+    return g
+
+
+def add_pipeline(config: ConfigDict, steps: dict[str, tuple[int, float]], **knobs) -> ConfigDict:
+    """Adds `stages` (name -> (total_steps, learning_rate)) and `glore` knobs to a shared config."""
+    config.stages = ConfigDict()
+    for name, (objective, prompt_format) in TRAINED_STAGES.items():
+        total_steps, lr = steps[name]
+        config.stages[name] = ConfigDict({"objective": objective, "prompt_format": prompt_format,
+                                          "total_steps": total_steps, "learning_rate": lr})
+    config.glore = glore_knobs()
+    for key, value in knobs.items():
+        if key not in config.glore:
+            raise KeyError(f"unknown glore knob {key!r}; valid: {sorted(config.glore)}")
+        config.glore[key] = value
+    return config
+
+
+def stage_config(config: ConfigDict, stage: str) -> ConfigDict:
+    """The shared config with one stage's objective, prompt format and train overrides applied."""
+    if "stages" not in config or stage not in config.stages:
+        valid = sorted(config.stages) if "stages" in config else []
+        raise ValueError(f"unknown stage {stage!r}; valid stages: {valid}")
+    c = copy.deepcopy(config)
+    s = config.stages[stage]
+    c.unlock()
+    c.objective, c.data.prompt_format = s.objective, s.prompt_format
+    c.train.total_steps, c.train.learning_rate = s.total_steps, s.learning_rate
+    c.lock()
+    return c

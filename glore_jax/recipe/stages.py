@@ -1,0 +1,177 @@
+"""The bodies of the pipeline's stages: sample, label, pair, train, infer, evaluate.
+
+Each function takes the shared `Context` plus its inputs and returns plain
+records or a JSON-able summary; `glore_jax.pipeline` decides order, skipping
+and resuming (see `recipe.workspace`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from glore_jax import prompts, trainer
+from glore_jax.models import ModelConfig
+from glore_jax.recipe import refine_data, sorm_labels, value_eval
+from glore_jax.recipe.config import stage_config
+from glore_jax.recipe.inference import InferenceConfig, run_inference
+from glore_jax.recipe.scoring import ValueScorer
+from glore_jax.recipe.textgen import TextGenerator
+from glore_jax.recipe.workspace import records_path, sharded
+from glore_jax.sampling import sampler_for
+from glore_jax.tasks import is_correct
+from glore_jax.tokenizer import Tokenizer
+
+Model = tuple[ModelConfig, Any]
+
+
+@dataclasses.dataclass
+class Context:
+    config: ConfigDict
+    mesh: Mesh
+    tokenizer: Tokenizer
+    train: list[dict]        # task records {id, question, answer, gold, meta}
+    test: list[dict]
+
+    @property
+    def g(self) -> ConfigDict:
+        return self.config.glore
+
+    def generator(self, model: Model) -> TextGenerator:
+        cfg, params = model
+        sampler = sampler_for(cfg, self.mesh, self.tokenizer.pad_id, self.tokenizer.vocab_size)
+        return TextGenerator(cfg, params, self.tokenizer, sampler,
+                             max_prompt_len=self.g.max_prompt_len, max_new=self.g.max_new_tokens,
+                             rows=self.g.sample_rows)
+
+    def scorer(self, model: Model) -> ValueScorer:
+        cfg, params = model
+        return ValueScorer(cfg, params, self.tokenizer, max_len=self.config.data.max_len, rows=self.g.sample_rows)
+
+    def train_model(self, stage: str, workdir: str, *, records: str | None = None,
+                    init: Model | None = None) -> Model:
+        c = stage_config(self.config, stage)
+        if records is not None:
+            c.unlock()
+            c.data.eval_split = ""   # the pipeline evaluates its models itself, on the test split
+            c.lock()
+        return trainer.train(c, records=records, init_params=init, workdir=workdir)
+
+
+def sample_solutions(ctx: Context, policy: Model, questions: Sequence[dict], k: int, stage_dir: str,
+                     label: str, seed: int) -> list[dict]:
+    """K sampled solutions per question, graded: records {question, gold, solutions, correct}."""
+    gen = ctx.generator(policy)
+
+    def shard(chunk, index):
+        outs = gen.complete([prompts.policy_prompt(ctx.tokenizer, r["question"]) for r in chunk], k=k,
+                            temperature=ctx.g.temperature, seed=seed * 10_007 + index)
+        return [{"id": r["id"], "question": r["question"], "gold": r["gold"], "solutions": sols,
+                 "correct": [is_correct(s, r["gold"]) for s in sols]} for r, sols in zip(chunk, outs)]
+    return sharded(stage_dir, questions, shard, ctx.g.shard_size, label=label)
+
+
+def expert_iteration_records(ctx: Context, samples: Sequence[dict]) -> tuple[list[dict], int]:
+    """The SFT set plus every distinct correct sample (the paper's EI data)."""
+    records = [{"question": r["question"], "solution": r["answer"]} for r in ctx.train]
+    kept = 0
+    for r in samples:
+        for sol in sorted({s for s, ok in zip(r["solutions"], r["correct"]) if ok}):
+            records.append({"question": r["question"], "solution": sol})
+            kept += 1
+    return records, kept
+
+
+def orm_records(samples: Sequence[dict]) -> list[dict]:
+    return [{"question": r["question"], "gold": r["gold"], "solution": s, "correct": ok}
+            for r in samples for s, ok in zip(r["solutions"], r["correct"])]
+
+
+def label_by_rollouts(ctx: Context, policy: Model, items: Sequence[tuple[str, str, str]], stage_dir: str,
+                      *, balance: bool, seed: int) -> list[dict]:
+    """SORM labelling in resumable shards; balancing runs over all shards at the end."""
+    gen = ctx.generator(policy)
+    tok = ctx.tokenizer
+    label_cfg = sorm_labels.LabelConfig(k=ctx.g.sorm_k, check_intermediate=ctx.g.check_intermediate,
+                                        balance=False, seed=seed)
+
+    def shard(chunk, index):
+        def rollout_fn(queries, k):
+            ids = [prompts.policy_prompt(tok, q) + tok.encode(prefix) for q, prefix in queries]
+            return gen.complete(ids, k=k, temperature=ctx.g.temperature, seed=seed * 10_007 + index)
+        return [s.to_record() for s in sorm_labels.label_solutions(chunk, rollout_fn, label_cfg)]
+    records = sharded(stage_dir, items, shard, max(1, ctx.g.shard_size // 4), label="rollouts")
+    labelled = [sorm_labels.LabelledSolution(**r) for r in records]
+    if balance:
+        sorm_labels.balance(labelled, seed)
+    return [s.to_record() for s in labelled]
+
+
+def refinement_records(ctx: Context, samples: Sequence[dict], labelled: Sequence[dict]) -> tuple[list, list, dict]:
+    groups = [(r["question"], r["gold"], r["solutions"]) for r in samples]
+    refs = {r["question"]: r["answer"] for r in ctx.train if r.get("answer")} if ctx.g.reference_fallback else None
+    global_pairs = refine_data.global_pairs(groups, max_per_question=ctx.g.global_pairs_per_question,
+                                            seed=ctx.config.seed, references=refs)
+    local, skipped = refine_data.local_pairs([sorm_labels.LabelledSolution(**r) for r in labelled],
+                                             seed=ctx.config.seed, references=refs)
+    return global_pairs, local, skipped
+
+
+def inference(ctx: Context, models: dict[str, Model]) -> tuple[dict, list[dict]]:
+    test = ctx.test[:ctx.g.test_questions or None]
+    cfg = InferenceConfig(orm_threshold=ctx.g.orm_threshold, sorm_threshold=ctx.g.sorm_threshold,
+                          best_of=ctx.g.best_of, temperature=ctx.g.temperature)
+    return run_inference([(r["question"], r["gold"]) for r in test], policy=ctx.generator(models["policy"]),
+                         global_refiner=ctx.generator(models["global_refiner"]),
+                         local_refiner=ctx.generator(models["local_refiner"]), orm=ctx.scorer(models["orm"]),
+                         sorm=ctx.scorer(models["sorm"]), config=cfg, seed=ctx.config.seed + 1)
+
+
+def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str) -> tuple[dict, str]:
+    """ORM vs SORM step accuracy on policy samples of test questions, against ground truth."""
+    test = ctx.test[:ctx.g.test_questions or None]
+    samples = sample_solutions(ctx, models["policy"], test, ctx.g.value_eval_k, os.path.join(stage_dir, "samples"),
+                               "test samples", seed=ctx.config.seed + 2)
+    items = [(r["question"], s) for r in samples for s in r["solutions"]]
+    by_id = {r["id"]: r for r in test}
+    if ctx.config.data.task == "synthetic":
+        truths = [value_eval.synthetic_truth(by_id[r["id"]], s) for r in samples for s in r["solutions"]]
+        truth_name = "the synthetic step checker (exact first-error ground truth)"
+    else:
+        labelled = label_by_rollouts(ctx, models["policy"], [(r["question"], r["gold"], s) for r in samples
+                                                             for s in r["solutions"]],
+                                     os.path.join(stage_dir, "rollouts"), balance=False, seed=ctx.config.seed + 3)
+        truths = [r["labels"] for r in labelled]
+        truth_name = f"held-out rollout labels (K={ctx.g.sorm_k})"
+    solutions = [s for _, s in items]
+    out = {}
+    for name in ("orm", "sorm"):
+        probs = ctx.scorer(models[name]).step_probs(items)
+        out[name] = value_eval.value_accuracy(probs, truths, solutions)
+    return out, truth_name
+
+
+def summarize_samples(samples: Sequence[dict]) -> dict[str, float]:
+    flat = [ok for r in samples for ok in r["correct"]]
+    per_q = [any(r["correct"]) for r in samples]
+    return {"samples": len(flat), "sample_accuracy": float(np.mean(flat)) if flat else 0.0,
+            "questions_with_a_correct_sample": float(np.mean(per_q)) if per_q else 0.0}
+
+
+def label_stats(labelled: Sequence[dict]) -> dict[str, Any]:
+    counts: dict[str, int] = defaultdict(int)
+    for r in labelled:
+        for v in r["labels"]:
+            counts[{1.0: "positive", 0.0: "negative"}.get(v, "masked")] += 1
+    return dict(counts)
+
+
+def write_rows(stage_dir: str, rows: Sequence[dict]) -> str:
+    return records_path(stage_dir, "rows.jsonl", rows)

@@ -1,0 +1,86 @@
+"""Resumable stages on disk: nothing half-written, nothing done twice.
+
+Each stage owns `<workdir>/stages/<name>/` and is finished when its
+`done.json` exists; `done.json` is written last, by rename, so a crash
+leaves a stage either finished or resumable. Sampling stages write their
+output in shards (`shard_00003.jsonl`), each also by rename, and a rerun
+skips the shards already there; training stages resume from the trainer's
+own Orbax checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from glore_jax.data.store import RecordsFile, write_records
+
+DONE = "done.json"
+
+
+def log(message: str) -> None:
+    print(f"[glore] {message}", flush=True)
+
+
+class Workspace:
+    def __init__(self, workdir: str, total_stages: int):
+        self.root = os.path.abspath(workdir)
+        self.total = total_stages
+        self.count = 0
+        self.timings: dict[str, float] = {}
+
+    def stage_dir(self, name: str) -> str:
+        return os.path.join(self.root, "stages", name)
+
+    def run(self, name: str, fn: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        """Runs `fn(stage_dir)` unless the stage is finished; returns its (saved) result."""
+        self.count += 1
+        d = self.stage_dir(name)
+        done = os.path.join(d, DONE)
+        if os.path.exists(done):
+            with open(done) as f:
+                saved = json.load(f)
+            self.timings[name] = saved["seconds"]
+            log(f"stage {self.count}/{self.total} {name}: already done, skipped")
+            return saved["result"]
+        os.makedirs(d, exist_ok=True)
+        log(f"stage {self.count}/{self.total} {name}: running")
+        t0 = time.perf_counter()
+        result = fn(d)
+        seconds = time.perf_counter() - t0
+        self.timings[name] = seconds
+        tmp = done + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"result": result, "seconds": seconds}, f, indent=2, default=float)
+        os.replace(tmp, done)
+        log(f"stage {self.count}/{self.total} {name}: done in {seconds:.0f}s")
+        return result
+
+
+def sharded(stage_dir: str, items: Sequence[Any], fn: Callable[[Sequence[Any], int], list[dict]],
+            shard_size: int, *, label: str) -> list[dict]:
+    """Applies fn(items_chunk, shard_index) -> records shard by shard; finished shards are reused."""
+    out: list[dict] = []
+    n_shards = -(-len(items) // shard_size)
+    for i in range(n_shards):
+        path = os.path.join(stage_dir, f"shard_{i:05d}.jsonl")
+        if os.path.exists(path):
+            out.extend(RecordsFile(path))
+            continue
+        t0 = time.perf_counter()
+        records = fn(items[i * shard_size:(i + 1) * shard_size], i)
+        write_records(path, records)
+        out.extend(records)
+        log(f"  {label}: shard {i + 1}/{n_shards} ({len(records)} records, {time.perf_counter() - t0:.0f}s)")
+    return out
+
+
+def records_path(stage_dir: str, name: str, records: Sequence[dict]) -> str:
+    """Writes records once (atomically) and returns the path the trainer reads."""
+    path = os.path.join(stage_dir, name)
+    if not os.path.exists(path):
+        write_records(path, records)
+    return path
