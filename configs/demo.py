@@ -18,12 +18,14 @@ def get_config(stage: str | None = None):
     c.workdir = "workdir/demo"
     c.model.preset = "demo"
     c.model.dtype = "bfloat16"
-    c.data.max_len = 256
-    c.data.tokenizer_vocab_size = 400
+    c.data.max_len = 176
+    c.data.tokenizer_vocab_size = 1000
     c.data.synthetic.train_size = 8000
     c.data.synthetic.test_size = 200
     c.data.synthetic.min_steps = 2
-    c.data.synthetic.max_steps = 4
+    c.data.synthetic.max_steps = 3
+    c.data.synthetic.max_operand = 99
+    c.data.synthetic.max_factor = 5
     c.train.batch_size = 32
     c.train.warmup_steps = 30
     c.train.weight_decay = 0.01
@@ -31,9 +33,9 @@ def get_config(stage: str | None = None):
     c.train.eval_every = 0
     c.train.eval_batches = 2
     c.train.checkpoint_every = 100
-    add_pipeline(c, {"policy": (600, 2e-3), "orm": (150, 5e-4), "sorm": (150, 5e-4),
-                     "global_refiner": (150, 1e-3), "local_refiner": (150, 1e-3)},
-                 ei_rounds=1, ei_k=4, orm_k=4, train_questions=512, sorm_solutions=384, sorm_k=4,
-                 test_questions=200, value_eval_k=2, max_new_tokens=128, max_prompt_len=256,
+    add_pipeline(c, {"policy": (600, 2e-3), "ei": (100, 1e-3), "orm": (100, 5e-4), "sorm": (100, 5e-4),
+                     "global_refiner": (100, 1e-3, 256), "local_refiner": (100, 1e-3, 256)},
+                 ei_rounds=1, ei_k=4, ei_from_base=False, orm_k=4, train_questions=256, sorm_solutions=192,
+                 sorm_k=4, test_questions=200, value_eval_k=2, max_new_tokens=96, max_prompt_len=176,
                  sample_rows=64, shard_size=128)
     return stage_config(locked(c), stage or "policy")

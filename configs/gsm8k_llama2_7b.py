@@ -18,7 +18,7 @@ from glore_jax.training.config import base_config, locked
 CHECKPOINT = "ckpt/llama2_7b"                      # python -m glore_jax.convert --out_dir
 TOKENIZER = "ckpt/llama2_7b/tokenizer.model"       # the HF repo's sentencepiece file
 # stage -> (total_steps, learning_rate)
-STEPS = {"policy": (120, 1e-5), "orm": (1000, 1e-6), "sorm": (1000, 1e-6), "global_refiner": (300, 1e-5),
+STEPS = {"policy": (120, 1e-5), "ei": (120, 1e-5), "orm": (1000, 1e-6), "sorm": (1000, 1e-6), "global_refiner": (300, 1e-5),
          "local_refiner": (300, 1e-5)}
 
 

@@ -83,7 +83,7 @@ def run(config) -> dict:
         summary[f"ei_{r}"] = ws.run(f"ei_{r}_samples", ei_samples)
         # The paper re-fine-tunes from the base model each round (here: a fresh init, or config.init_from).
         init = None if g.ei_from_base else policy
-        train_stage(f"ei_{r}", "policy", records=os.path.join(ws.stage_dir(f"ei_{r}_samples"), "sft_records.jsonl"),
+        train_stage(f"ei_{r}", "ei", records=os.path.join(ws.stage_dir(f"ei_{r}_samples"), "sft_records.jsonl"),
                     init=init)
     policy = trained[f"ei_{g.ei_rounds}" if g.ei_rounds else "policy"]
 
@@ -176,8 +176,10 @@ def main(argv):
     if os.environ.get("GLORE_DISTRIBUTED") == "1":
         import jax
         jax.distributed.initialize()
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
+    from glore_jax.training.metrics import setup_logging
+    setup_logging()
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()  # dataset builds are logged per stage; bars would interleave with them
     run(_CONFIG.value)
 
 

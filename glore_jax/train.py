@@ -41,10 +41,8 @@ def main(argv):
         import jax
         jax.distributed.initialize()  # coordinator and process ids come from the TPU environment
     from glore_jax import trainer  # after distributed init: importing may touch devices
-    logging.set_verbosity(logging.INFO)
-    # Orbax logs every save in detail at INFO; keep its warnings (level 30) and up.
-    logging.get_absl_handler().addFilter(
-        lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname)
+    from glore_jax.training.metrics import setup_logging
+    setup_logging()
     try:
         trainer.train(_CONFIG.value)
     except trainer.Preempted as e:

@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 # stage -> (objective, prompt format); the order is the pipeline's.
 TRAINED_STAGES = {
     "policy": ("sft", "policy"),
+    "ei": ("sft", "policy"),          # each Expert Iteration round
     "orm": ("orm", "orm"),
     "sorm": ("sorm", "sorm"),
     "global_refiner": ("sft", "global_refiner"),
@@ -50,13 +51,18 @@ def glore_knobs() -> ConfigDict:
     return g
 
 
-def add_pipeline(config: ConfigDict, steps: dict[str, tuple[int, float]], **knobs) -> ConfigDict:
-    """Adds `stages` (name -> (total_steps, learning_rate)) and `glore` knobs to a shared config."""
+def add_pipeline(config: ConfigDict, steps: dict[str, tuple], **knobs) -> ConfigDict:
+    """Adds `stages` and `glore` knobs to a shared config.
+
+    steps: stage -> (total_steps, learning_rate[, max_len]); max_len defaults
+    to data.max_len (refiner inputs hold a draft too, so they need more).
+    """
     config.stages = ConfigDict()
     for name, (objective, prompt_format) in TRAINED_STAGES.items():
-        total_steps, lr = steps[name]
+        total_steps, lr, *rest = steps[name]
         config.stages[name] = ConfigDict({"objective": objective, "prompt_format": prompt_format,
-                                          "total_steps": total_steps, "learning_rate": lr})
+                                          "total_steps": total_steps, "learning_rate": lr,
+                                          "max_len": rest[0] if rest else config.data.max_len})
     config.glore = glore_knobs()
     for key, value in knobs.items():
         if key not in config.glore:
@@ -75,5 +81,6 @@ def stage_config(config: ConfigDict, stage: str) -> ConfigDict:
     c.unlock()
     c.objective, c.data.prompt_format = s.objective, s.prompt_format
     c.train.total_steps, c.train.learning_rate = s.total_steps, s.learning_rate
+    c.data.max_len = s.max_len
     c.lock()
     return c

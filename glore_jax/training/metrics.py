@@ -21,7 +21,9 @@ TENSORBOARD_DIR = "tensorboard"
 # published figure is good enough. Keys are matched against device_kind.
 _PEAK_TFLOPS = (("v6", 918.0), ("v5p", 459.0), ("v5", 197.0), ("v4", 275.0), ("v3", 123.0),
                 ("h200", 989.0), ("h100", 989.0), ("a100", 312.0))
-_CPU_TFLOPS = 0.1  # a few cores' worth; CPU MFU is only a sanity check
+# bf16 with f32 accumulation, measured on the 2-core development machine;
+# CPU MFU is only a sanity check.
+_CPU_TFLOPS = 1.4
 
 
 def peak_tflops(configured: float, device: jax.Device | None = None) -> float:
@@ -34,6 +36,15 @@ def peak_tflops(configured: float, device: jax.Device | None = None) -> float:
         if key in kind:
             return value
     return _CPU_TFLOPS if device.platform == "cpu" else 100.0
+
+
+def setup_logging() -> None:
+    """INFO-level progress lines, without Orbax's per-save detail or TFDS's config notices."""
+    from absl import logging
+    logging.set_verbosity(logging.INFO)
+    noisy = ("/orbax/", "/tensorflow_datasets/")
+    logging.get_absl_handler().addFilter(
+        lambda r: r.levelno >= 40 or not any(n in r.pathname for n in noisy))
 
 
 class MetricsWriter:
