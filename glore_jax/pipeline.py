@@ -23,6 +23,7 @@ stage is skipped on re-run; a killed stage resumes (see `recipe.workspace`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -48,6 +49,13 @@ def run(config) -> dict:
     if "glore" not in config:
         raise ValueError("this config has no pipeline section (`glore`); build it with recipe.config.add_pipeline")
     g = config.glore
+    if not config.data.data_dir:
+        # One data dir for every stage: the datasets are built and the
+        # tokenizer trained once, and every model reads the same ids.
+        config = copy.deepcopy(config)
+        config.unlock()
+        config.data.data_dir = os.path.join(os.path.abspath(config.workdir), "data")
+        config.lock()
     mesh = sharding.make_mesh(train_config.mesh_config(config))
     tokenizer = inputs.load_tokenizer(config)
     train = list(inputs.task_split(config, "train"))

@@ -54,6 +54,9 @@ def test_smoke_pipeline_resumes_after_a_kill_and_reruns_do_no_work(tmp_path):
     for key in REQUIRED:
         assert key in report["results"], key
     assert (wd / "report.md").exists() and (wd / "step_accuracy.png").exists() and (wd / "calibration.png").exists()
+    # every stage read one dataset and one tokenizer, built once under <workdir>/data
+    assert len(list((wd / "data" / "tokenizers").glob("*.model"))) == 1
+    assert not list((wd / "stages").glob("*/data")), "a stage built its own data dir"
     labels = [json.loads(line) for line in (stage / "sorm_labels.jsonl").read_text().splitlines()]
     assert labels and all(len(r["rollouts"][0]) == 2 for r in labels)  # saved with their K=2 rollouts
 
@@ -63,3 +66,4 @@ def test_smoke_pipeline_resumes_after_a_kill_and_reruns_do_no_work(tmp_path):
     assert out.count("already done, skipped") == 13, out[-3000:]
     assert _files(wd) == snapshot, "a finished pipeline wrote files on re-run"
     assert time.time() - t0 < 120
+

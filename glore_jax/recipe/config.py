@@ -14,12 +14,13 @@ import copy
 
 from ml_collections import ConfigDict
 
-# stage -> (objective, prompt format); the order is the pipeline's.
+# stage -> (objective, prompt format); the order is the pipeline's. '' is the
+# objective's own format, so `--config.objective=sorm` on a stage config works.
 TRAINED_STAGES = {
-    "policy": ("sft", "policy"),
-    "ei": ("sft", "policy"),          # each Expert Iteration round
-    "orm": ("orm", "orm"),
-    "sorm": ("sorm", "sorm"),
+    "policy": ("sft", ""),
+    "ei": ("sft", ""),                # each Expert Iteration round
+    "orm": ("orm", ""),
+    "sorm": ("sorm", ""),
     "global_refiner": ("sft", "global_refiner"),
     "local_refiner": ("sft", "local_refiner"),
 }
