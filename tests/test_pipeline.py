@@ -67,3 +67,19 @@ def test_smoke_pipeline_resumes_after_a_kill_and_reruns_do_no_work(tmp_path):
     assert _files(wd) == snapshot, "a finished pipeline wrote files on re-run"
     assert time.time() - t0 < 120
 
+
+
+def test_gsm8k_pipeline_uses_rollout_labels_as_step_truth(tmp_path, shared_dir):
+    wd = tmp_path / "gsm8k"
+    proc = subprocess.run(
+        [sys.executable, "-m", "glore_jax.pipeline", "--config=configs/smoke.py", f"--config.workdir={wd}",
+         "--config.data.task=gsm8k", f"--config.data.manual_dir={shared_dir / 'data' / 'gsm8k'}",
+         f"--config.data.tokenizer={shared_dir / 'tokenizers' / 'mistral-7b-v0.1' / 'tokenizer.model'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = json.loads((wd / "report.json").read_text())
+    assert report["task"] == "gsm8k" and report["step_truth"].startswith("held-out rollout labels")
+    for key in REQUIRED:
+        assert key in report["results"], key
+    # the truth came from rollouts of the test-question samples, saved in the stage
+    assert list((wd / "stages" / "value_eval" / "rollouts").glob("shard_*.jsonl"))
