@@ -42,9 +42,22 @@ def markdown(report: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    import matplotlib.pyplot as plt
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plots(report: Mapping, out_dir: str) -> list[str]:
     """Per-step accuracy of ORM vs SORM, and their calibration curves."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -54,29 +67,18 @@ def plots(report: Mapping, out_dir: str) -> list[str]:
     for name, ev in evals.items():
         idx = sorted(int(i) for i in ev["per_step_accuracy"])
         ax.plot(idx, [ev["per_step_accuracy"][str(i)] for i in idx], marker="o", label=name.upper())
-    ax.set_xlabel("step index")
-    ax.set_ylabel("step-label accuracy")
     ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title("Per-step accuracy vs ground truth")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "step_accuracy.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    paths.append(_finish(fig, ax, "step index", "step-label accuracy", "Per-step accuracy vs ground truth",
+                         os.path.join(out_dir, "step_accuracy.png")))
 
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     for name, ev in evals.items():
         cal = ev["calibration"]
         ax.plot([c["mean_pred"] for c in cal], [c["frac_positive"] for c in cal], marker="o", label=name.upper())
-    ax.set_xlabel("predicted P(correct)")
-    ax.set_ylabel("fraction positive")
-    ax.legend()
-    ax.set_title("Calibration")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "calibration.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, "predicted P(correct)", "fraction positive", "Calibration",
+                         os.path.join(out_dir, "calibration.png")))
     return paths
 
 
