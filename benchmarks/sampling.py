@@ -4,7 +4,9 @@
 
 Everything is measured side by side in one run, on the `demo` preset with
 random weights exported to a `transformers` LlamaForCausalLM (same weights,
-float32, greedy, KV cache on, same batch and lengths). Each figure is the
+float32, greedy, KV cache on, same batch and lengths). The headline
+`decode_speedup_vs_hf` is float32 against float32; a bf16-against-bf16 row
+at batch 32 is reported beside it (`decode_bf16`). Each figure is the
 fastest of several timed runs after a warm-up (compilation is excluded for
 JAX; HF has none). `transformers` runs in a child process: merely importing
 torch in the JAX process slowed XLA:CPU decoding by up to 40% here (its
@@ -77,12 +79,12 @@ def bench_ours_decode(cfg, params, batch, prompt_len, new, repeats):
     return batch * new / _best_time(run, repeats)
 
 
-def bench_hf_decode(hf_dir, vocab, batches, prompt_len, new, repeats) -> dict[int, float]:
-    """Runs `transformers` generate in a fresh process; returns tokens/s per batch size."""
-    job = json.dumps({"hf_dir": hf_dir, "vocab": vocab, "batches": list(batches), "prompt_len": prompt_len,
+def bench_hf_decode(hf_dir, vocab, cases, prompt_len, new, repeats) -> dict[tuple[int, str], float]:
+    """Runs `transformers` generate in a fresh process; returns tokens/s per (batch, dtype) case."""
+    job = json.dumps({"hf_dir": hf_dir, "vocab": vocab, "cases": list(cases), "prompt_len": prompt_len,
                       "new": new, "repeats": repeats})
     out = subprocess.run([sys.executable, __file__, "--hf_worker", job], capture_output=True, text=True, check=True)
-    return {int(b): v for b, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    return {(int(b), d): v for b, d, v in json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def _hf_worker(job: str) -> None:
@@ -90,9 +92,13 @@ def _hf_worker(job: str) -> None:
     import transformers
     job = json.loads(job)
     torch.set_num_threads(os.cpu_count() or 1)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(job["hf_dir"]).eval()
-    result = {}
-    for batch in job["batches"]:
+    models = {}
+    result = []
+    for batch, dtype in job["cases"]:
+        if dtype not in models:
+            models[dtype] = transformers.AutoModelForCausalLM.from_pretrained(
+                job["hf_dir"], dtype=getattr(torch, dtype)).eval()
+        hf = models[dtype]
         toks = torch.tensor(_prompts(np.random.default_rng(batch), batch, job["prompt_len"], job["vocab"]),
                             dtype=torch.long)
 
@@ -101,7 +107,7 @@ def _hf_worker(job: str) -> None:
                 hf.generate(input_ids=toks, attention_mask=torch.ones_like(toks), max_new_tokens=job["new"],
                             min_new_tokens=job["new"], do_sample=False, use_cache=True, pad_token_id=0,
                             eos_token_id=None)
-        result[batch] = batch * job["new"] / _best_time(run, job["repeats"])
+        result.append((batch, dtype, batch * job["new"] / _best_time(run, job["repeats"])))
     print(json.dumps(result))
 
 
@@ -126,7 +132,7 @@ def bench_prefill(cfg, params, batch, length, repeats):
     sampler = S.sampler_for(cfg)
     toks = _prompts(np.random.default_rng(0), batch, length, cfg.vocab_size)
     lens = np.full((batch,), length, np.int32)
-    run = lambda: sampler.prefill(params, sampler.put_rows(toks), sampler.put_rows(lens), length + 16)[1].block_until_ready()
+    run = lambda: sampler.prefill(params, sampler.put_rows(toks), sampler.put_rows(lens))[1].block_until_ready()
     return batch * length / _best_time(run, repeats)
 
 
@@ -169,15 +175,21 @@ def main():
                "machine": platform.machine(), "jax": jax.__version__,
                "prefill_tokens_per_s": bench_prefill(cfg, params, 8, 256, repeats), "decode": {}}
     ours = {b: bench_ours_decode(cfg, params, b, prompt_len, new, repeats) for b in batches}
+    # bf16 compute (what configs/demo.py trains and samples with), both frameworks, batch 32 only.
+    ours_bf16 = bench_ours_decode(cfg.replace(dtype="bfloat16"), params, 32, prompt_len, new, repeats)
     nocache = {b: bench_no_cache(cfg, params, b, prompt_len, new, repeats) for b in batches}
     with tempfile.TemporaryDirectory() as d:
         convert.to_hf(cfg, params, d)
-        hf = bench_hf_decode(d, cfg.vocab_size, batches, prompt_len, new, repeats)
+        hf = bench_hf_decode(d, cfg.vocab_size, [(b, "float32") for b in batches] + [(32, "bfloat16")],
+                             prompt_len, new, repeats)
     for b in batches:
-        results["decode"][str(b)] = {"tokens_per_s": ours[b], "hf_tokens_per_s": hf[b],
-                                     "no_cache_tokens_per_s": nocache[b], "decode_speedup_vs_hf": ours[b] / hf[b],
+        results["decode"][str(b)] = {"tokens_per_s": ours[b], "hf_tokens_per_s": hf[b, "float32"],
+                                     "no_cache_tokens_per_s": nocache[b],
+                                     "decode_speedup_vs_hf": ours[b] / hf[b, "float32"],
                                      "speedup_vs_no_cache": ours[b] / nocache[b]}
     results["decode_speedup_vs_hf"] = results["decode"]["32"]["decode_speedup_vs_hf"]
+    results["decode_bf16"] = {"32": {"tokens_per_s": ours_bf16, "hf_tokens_per_s": hf[32, "bfloat16"],
+                                     "decode_speedup_vs_hf": ours_bf16 / hf[32, "bfloat16"]}}
     results["rollouts"] = bench_rollouts(cfg, params, n=4, k=8, new=new, repeats=repeats)
     results["prefix_sharing_speedup"] = results["rollouts"]["prefix_sharing_speedup"]
 
@@ -188,6 +200,9 @@ def main():
     for b, r in results["decode"].items():
         print(f"{b:>5} {r['tokens_per_s']:>11,.0f} {r['hf_tokens_per_s']:>10,.0f} "
               f"{r['no_cache_tokens_per_s']:>10,.0f} {r['decode_speedup_vs_hf']:>6.2f}x")
+    r = results["decode_bf16"]["32"]
+    print(f"{'32 bf16':>5} {r['tokens_per_s']:>9,.0f} {r['hf_tokens_per_s']:>10,.0f} {'':>10} "
+          f"{r['decode_speedup_vs_hf']:>6.2f}x")
     ro = results["rollouts"]
     print(f"rollouts N={ro['n_prefixes']} K={ro['k']} (GSM8K prefixes, mean {ro['prefix_len_mean']:.0f} tokens): "
           f"shared {ro['shared_s']:.3f}s, naive {ro['naive_s']:.3f}s, speedup {ro['prefix_sharing_speedup']:.2f}x")

@@ -1,5 +1,7 @@
 """Backbone, heads, KV cache and sharding of glore_jax.models."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 
 from glore_jax import models as M
 from glore_jax import sharding as shd
+from glore_jax.models.decoding import LayerCache, decode_step, split_layers
 
 TINY = M.preset("tiny")
 
@@ -177,3 +180,22 @@ def test_bad_configs_and_meshes_raise_clearly():
     assert dict(shd.make_mesh((1, -1, 2)).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
     with pytest.raises(ValueError, match="cannot be split"):
         M.param_shardings(TINY.replace(num_kv_heads=1), shd.make_mesh((1, 1, 8)))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_unrolled_decode_with_shared_prefix_matches_full_forward(params, tie):
+    """K continuations reading one shared prefix cache give the full forward's logits."""
+    config = TINY.replace(tie_embeddings=tie)
+    p = params if not tie else M.init_params(config, jax.random.key(3))
+    prefix_tokens, k = _tokens(2, 6), 3
+    cont = jax.random.randint(jax.random.key(5), (2 * k, 5), 0, config.vocab_size)
+    full = M.policy_logits(config, p, jnp.concatenate([jnp.repeat(prefix_tokens, k, 0), cont], 1))
+    prefix = LayerCache.from_stacked(M.apply(config, p, prefix_tokens, return_kv=True).cache)
+    cache, layers, got = LayerCache.empty(config, 2 * k, 8), split_layers(p), []
+    step = jax.jit(functools.partial(decode_step, config))
+    for i in range(5):
+        logits, cache = step(p, layers, cont[:, i:i + 1], jnp.full((2 * k, 1), 6 + i), cache, i, prefix=prefix)
+        got.append(logits)
+    np.testing.assert_allclose(np.concatenate(got, 1), np.asarray(full[:, 6:]), atol=2e-5, rtol=1e-5)
+    assert (np.asarray(cache.pos)[:, :5] == np.arange(6, 11)).all() and (np.asarray(cache.pos)[:, 5:] == -1).all()
+    assert cache.grow(12).length == 12 and (np.asarray(cache.grow(12).pos)[:, 8:] == -1).all()

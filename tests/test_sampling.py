@@ -9,6 +9,7 @@ from glore_jax import convert
 from glore_jax import models as M
 from glore_jax import sampling as S
 from glore_jax import sharding as shd
+from glore_jax.models.decoding import LAYER_CACHE_AXES
 from tests.hf_reference import make_tiny_hf_llama
 
 TINY = M.preset("tiny")
@@ -60,7 +61,8 @@ def test_same_results_on_one_device_and_eight_device_mesh(params):
     state = sampler.sample(sharded, toks, lens, max_new=8, strategy=S.SamplingStrategy(),
                            stop=S.StopCondition())
     assert state.tokens.sharding.spec == shd.logical_to_spec(("activation_batch", None))
-    assert len(state.cache.k.sharding.device_set) == 8
+    assert all(len(k.sharding.device_set) == 8 for k in state.suffix.k)
+    assert state.suffix.k[0].sharding.spec == shd.logical_to_spec(LAYER_CACHE_AXES)
 
 
 def test_top_k_and_top_p_never_leave_the_allowed_set():
@@ -120,6 +122,19 @@ def test_prefix_shared_rollouts_equal_unshared(params):
     assert S.unpad(shared, 32) == S.unpad(naive, 32)
     rows = S.unpad(shared, 32)
     assert len({tuple(r) for r in rows[:8]}) > 1  # K rollouts of one prefix differ
+
+
+def test_decode_phases_and_weight_layout_do_not_change_tokens(params):
+    """The suffix cache's growth schedule and where layer weights are sliced are speed choices only."""
+    toks, lens = S.pad_prompts(PROMPTS, TINY.vocab_size, rows=4, length=16)
+    kw = dict(max_new=24, strategy=S.SamplingStrategy(temperature=1.0, top_k=20), stop=S.StopCondition(), seed=9)
+    runs = [S.Sampler(TINY, decode_phases=n, split_weights=split).sample(params, toks, lens, **kw)
+            for n, split in ((1, True), (8, True), (3, False))]
+    assert S.phase_widths(24, 8) == [8, 16, 23] and S.phase_widths(24, 1) == [23] and S.phase_widths(1, 8) == []
+    for other in runs[1:]:
+        assert S.unpad(other, 4) == S.unpad(runs[0], 4)
+        np.testing.assert_allclose(np.asarray(other.logprobs), np.asarray(runs[0].logprobs), atol=1e-5)
+    assert runs[1].suffix.length == 23
 
 
 class CompileCounter:

@@ -71,13 +71,22 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cached: tuple | None, cache_pos: jax.Array | None):
-        """x: [B, T, E]; cached: this layer's (k, v) cache, each [B, KVH, S, D], read-only.
+                 context: tuple | None, context_pos: tuple | None, write_slot: jax.Array | None = None):
+        """x: [B, T, E]; context: cached (k, v) segments, each [Bs, KVH, S, D].
 
-        Attends jointly over the cached slots (visible by `cache_pos`) and this
-        call's own tokens. Returns (out [B, T, E], this call's (k, v) [B, KVH, T, D]):
-        the caller writes the new keys into the cache once, after all layers,
-        so a decode step costs O(new tokens) in cache writes, not O(cache).
+        Attends jointly (one softmax) over every context segment, whose slots are
+        visible by `context_pos` ([Bs, S] each, -1 = empty), and this call's own
+        tokens. A segment with Bs < B rows is shared: its row n serves query rows
+        n*r .. n*r+r-1 (r = B // Bs). That is how K rollouts read one copy of
+        their prefix, and it turns their K one-token queries into one matmul.
+
+        Without `write_slot`, the context is read-only and this returns (out
+        [B, T, E], this call's (k, v) [B, KVH, T, D]) for the caller to store.
+        With it, this call's keys are first written into the last segment at
+        that slot (whose `context_pos` must already hold their positions), then
+        read from there, and the updated last segment is returned instead.
+        Writing before reading is what lets XLA update a while-loop's cache in
+        place: a read of the old buffer after the write would force a copy.
         """
         c = self.config
         dt = c.compute_dtype
@@ -97,45 +106,64 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, c.rope_theta)
 
         b, t, _, d = q.shape
-        g = c.num_heads // c.num_kv_heads
-        qg = q.reshape(b, t, c.num_kv_heads, g, d) * jnp.asarray(d ** -0.5, dt)
+        kvh, g = c.num_kv_heads, c.num_heads // c.num_kv_heads
+        qg = q.reshape(b, t, kvh, g, d) * jnp.asarray(d ** -0.5, dt)
 
         # Keys/values are kept [B, KVH, S, D]: batch dims lead and each head's
         # slots are contiguous, so attention reads the cache without a transpose.
         k = k.transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
 
-        # A one-token decode step is a matrix-vector product per (row, head):
-        # XLA:CPU runs it far faster as a fused multiply-reduce than as a
-        # batched dot with M=1 (measured 2.4x on the demo preset's cache).
-        vector = t == 1
-
         def scores(keys, mask):
-            if vector:
-                s = jnp.sum((qg[:, 0, :, :, None, :] * keys[:, :, None].astype(dt)).astype(jnp.float32), -1)
-                s = s[:, :, :, None, :]
+            """-> [B, KVH, G, T, S] float32, masked."""
+            bs, s_len = keys.shape[0], keys.shape[2]
+            keys = keys.astype(dt)
+            if bs != b:
+                qs = qg.reshape(bs, b // bs, t, kvh, g, d)
+                s = jnp.einsum("nrtkgd,nksd->nrkgts", qs, keys, preferred_element_type=jnp.float32)
+                s = s.reshape(b, kvh, g, t, s_len)
+            elif t == 1:
+                # A one-token step is a matrix-vector product per (row, head):
+                # XLA:CPU runs it far faster as a fused multiply-reduce than as
+                # a batched dot with M=1 (measured 2.4x on the demo preset).
+                s = jnp.sum((qg[:, 0, :, :, None, :] * keys[:, :, None]).astype(jnp.float32), -1)[:, :, :, None]
             else:
-                s = jnp.einsum("btkgd,bksd->bkgts", qg, keys.astype(dt), preferred_element_type=jnp.float32)
+                s = jnp.einsum("btkgd,bksd->bkgts", qg, keys, preferred_element_type=jnp.float32)
             return jnp.where(mask[:, None, None, :, :], s, _NEG_INF)
 
         def mix(probs, values):
-            if vector:
-                return jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None].astype(dt), axis=-2)[:, None]
-            return jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(dt))
+            """probs [B, KVH, G, T, S] -> [B, T, KVH, G, D]."""
+            bs, s_len = values.shape[0], values.shape[2]
+            values = values.astype(dt)
+            if bs != b:
+                ps = probs.reshape(bs, b // bs, kvh, g, t, s_len)
+                return jnp.einsum("nrkgts,nksd->nrtkgd", ps, values).reshape(b, t, kvh, g, d)
+            if t == 1:
+                return jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]
+            return jnp.einsum("bkgts,bksd->btkgd", probs, values)
 
-        s_new = scores(k, attention_mask(positions, positions, segment_ids, segment_ids, c.sliding_window))
-        if cached is None:
-            out = mix(jax.nn.softmax(s_new, axis=-1).astype(dt), v)
-        else:
-            ck, cv = cached
-            s_old = scores(ck, attention_mask(positions, cache_pos, None, None, c.sliding_window))
-            probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(dt)
-            n_old = ck.shape[2]
-            out = mix(probs[..., :n_old], cv) + mix(probs[..., n_old:], v)
+        context, returned = list(context or ()), (k, v)
+        if write_slot is not None:
+            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), write_slot, 2)
+            ck, cv = context[-1]
+            context[-1] = returned = (put(ck, k), put(cv, v))
+        segments = []
+        for (ck, cv), cpos in zip(context, context_pos or ()):
+            cpos = jnp.repeat(cpos, b // cpos.shape[0], axis=0) if cpos.shape[0] != b else cpos
+            segments.append((ck, cv, attention_mask(positions, cpos, None, None, c.sliding_window)))
+        if write_slot is None:
+            segments.append((k, v, attention_mask(positions, positions, segment_ids, segment_ids,
+                                                  c.sliding_window)))
+        s_all = [scores(sk, mask) for sk, _, mask in segments]
+        probs = jax.nn.softmax(jnp.concatenate(s_all, axis=-1), axis=-1).astype(dt)
+        out, start = 0.0, 0
+        for (_, sv, _), s in zip(segments, s_all):
+            out = out + mix(probs[..., start:start + s.shape[-1]], sv)
+            start += s.shape[-1]
         out = constrain(out.reshape(b, t, c.num_heads, d),
                         ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         out = jnp.einsum("bthd,hde->bte", out, wo.astype(dt))
-        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), (k, v)
+        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), returned
 
 
 class MLP(nn.Module):
@@ -161,11 +189,12 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cached: tuple | None, positions: jax.Array,
-                 segment_ids: jax.Array | None, cache_pos: jax.Array | None):
+    def __call__(self, x: jax.Array, context: tuple | None, positions: jax.Array,
+                 segment_ids: jax.Array | None, context_pos: tuple | None, write_slot: jax.Array | None = None):
+        """context: this layer's cached (k, v) segments; context_pos: their slot positions (see Attention)."""
         c = self.config
         h, kv = Attention(c, name="attn")(RMSNorm(c.norm_eps, c.compute_dtype, name="attn_norm")(x),
-                                          positions, segment_ids, cached, cache_pos)
+                                          positions, segment_ids, context, context_pos, write_slot)
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.compute_dtype, name="mlp_norm")(x))
         return constrain(x, ("activation_batch", "activation_length", "activation_embed")), kv

@@ -76,15 +76,13 @@ class Backbone(nn.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                  cache: KVCache | None, cache_index: jax.Array | None, return_kv: bool):
-        c = self.config
-        x = jnp.take(self.embedding, tokens, axis=0).astype(c.compute_dtype)
-        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = self.embed(tokens)
         if cache is not None and segment_ids is not None:
             raise ValueError("Packed segments are a training-time layout; they cannot use a KV cache")
-        cached = None if cache is None else (cache.k, cache.v)
-        cache_pos = None if cache is None else cache.pos
-        x, (k, v) = self.layers(x, cached, positions, segment_ids, cache_pos)
-        x = self.final_norm(x)
+        context = None if cache is None else ((cache.k, cache.v),)
+        context_pos = None if cache is None else (cache.pos,)
+        x, (k, v) = self.layers(x, context, positions, segment_ids, context_pos)
+        x = self.finish(x)
         if cache is not None:
             # One in-place write of every layer's new keys, after the scan.
             put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
@@ -94,6 +92,14 @@ class Backbone(nn.Module):
         if return_kv:
             return x, KVCache(k=k, v=v, pos=positions.astype(jnp.int32))
         return x, None
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def finish(self, x: jax.Array) -> jax.Array:
+        """The final norm, for callers that run the layers themselves (see `decoding`)."""
+        return self.final_norm(x)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied-embedding logits: hidden [B, T, E] -> float32 [B, T, V]."""

@@ -1,14 +1,22 @@
-"""The jitted sampler: a batched prefill, then a `lax.while_loop` decode over an explicit KV cache.
+"""The jitted sampler: a batched prefill, then a `lax.while_loop` decode over explicit KV caches.
 
-One batch goes through three compiled programs:
-  prefill  prompts [B, P] -> KV cache + logits of each row's last prompt token
-  start    (cache, logits) -> SamplingState with the first new token chosen
-  decode   SamplingState -> SamplingState, looping until every row stopped
+One batch goes through these compiled programs:
+  prefill  prompts [Np, P] -> prefix cache + logits of each row's last prompt token
+  start    logits -> SamplingState with the first new token chosen
+  advance  SamplingState -> SamplingState, decoding until the suffix cache is full
+           or every row stopped; `grow` adds slots to the suffix between phases
 
-Splitting prefill from start is what makes prefix-shared rollouts cheap: N
-prefixes are prefilled once, the cache is repeated K times along the batch,
-and K different continuations start from it. Prompts are right-padded; a pad
-slot carries position -1, which the attention mask treats as empty.
+The cache has two parts, both explicit pytrees (`LayerCache`, one buffer per
+layer, see `models.decoding`):
+  prefix  the prompts' keys, written once by prefill and read-only afterwards;
+          for K rollouts it holds each prefix once, shared by its K rows;
+  suffix  the new tokens' keys, written one slot per step.
+Sharing the prefix is what makes rollouts cheap: it is not re-prefilled, not
+copied K times, and its K one-token queries read it as one matmul. Growing the
+suffix in a few phases keeps every step's attention close to the filled slots,
+as a growing cache would, while each phase stays one static-shape while_loop.
+Prompts are right-padded; a pad slot carries position -1, which the attention
+mask treats as empty.
 """
 
 from __future__ import annotations
@@ -21,11 +29,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glore_jax import sharding as shd
-from glore_jax.models import KVCache, ModelConfig, apply, param_shardings
-from glore_jax.models.transformer import CACHE_AXES
+from glore_jax.models import ModelConfig, apply, param_shardings
+from glore_jax.models.decoding import LAYER_CACHE_AXES, LayerCache, decode_step, split_layers
 from glore_jax.sampling.strategy import SamplingStrategy, select
 
 
@@ -33,7 +41,7 @@ from glore_jax.sampling.strategy import SamplingStrategy, select
 class SamplingState:
     """Everything the decode loop carries. B rows, N = max new tokens."""
 
-    cache: KVCache
+    suffix: LayerCache        # keys/values of the new tokens fed so far (slot i = new token i)
     tokens: jax.Array         # [B, N] int32 new tokens; pad_id after a row stops
     logprobs: jax.Array       # [B, N] float32 log p(token) under the raw model distribution
     num_generated: jax.Array  # [B] int32 tokens produced, the stop token included
@@ -58,6 +66,19 @@ class StopCondition:
         return jnp.isin(tokens, jnp.asarray(ids, jnp.int32))
 
 
+def phase_widths(max_new: int, phases: int) -> list[int]:
+    """Suffix sizes of the decode phases: about `phases` equal steps (multiples of 8) up to max_new - 1.
+
+    The last new token is never fed back, so N new tokens need N - 1 suffix slots.
+    """
+    n = max_new - 1
+    if n <= 0:
+        return []
+    chunk = -(-n // max(1, phases))
+    chunk = -(-chunk // 8) * 8
+    return sorted({min(n, chunk * i) for i in range(1, -(-n // chunk) + 1)})
+
+
 def _row_keys(seed: jax.Array, row_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids)
 
@@ -67,101 +88,102 @@ class Sampler:
 
     Batch rows are sharded over the mesh's data-parallel axes ('data', 'fsdp'),
     params follow the rules table. With no mesh, everything runs on one device.
+    `decode_phases`: how many times the suffix cache grows (each phase compiles
+    once per shape bucket). `split_weights=False` keeps one copy of the weights
+    and slices each layer's inside the step instead (see `models.decoding`).
     """
 
     def __init__(self, config: ModelConfig, *, mesh: Mesh | None = None,
                  rules: Sequence[tuple[str, Any]] = shd.LOGICAL_RULES, pad_id: int = 0,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, decode_phases: int = 8, split_weights: bool = True):
         if "lm" not in config.heads:
             raise ValueError(f"Sampling needs an 'lm' head; config.heads={config.heads}")
+        if decode_phases < 1:
+            raise ValueError(f"decode_phases must be >= 1, got {decode_phases}")
         self.config = config
         self.mesh = mesh if mesh is not None else shd.single_device_mesh()
         self.rules = rules
         self.pad_id = pad_id
+        self.decode_phases = decode_phases
+        self.split_weights = split_weights
         # Embedding rows past the tokenizer's vocab (padded for even sharding)
         # have no piece; they are never sampled.
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < config.vocab_size else None
         m, r = self.mesh, rules
         self.batch_multiple = int(m.shape["data"] * m.shape["fsdp"])
-        self._params = param_shardings(config, m, r)
+        params = param_shardings(config, m, r)
+        layer = jax.tree_util.tree_map(lambda s: NamedSharding(m, PartitionSpec(*s.spec[1:])),
+                                       params["backbone"]["layers"])
+        layers = (layer,) * config.num_layers
         row, rows2 = shd.batch_sharding(m, 1, r), shd.batch_sharding(m, 2, r)
-        cache = KVCache(k=shd.logical_sharding(CACHE_AXES, m, r), v=shd.logical_sharding(CACHE_AXES, m, r),
-                        pos=rows2)
+        kv = (shd.logical_sharding(LAYER_CACHE_AXES, m, r),) * config.num_layers
+        cache = LayerCache(k=kv, v=kv, pos=rows2)
         scalar = shd.replicated(m)
-        self._state = SamplingState(cache=cache, tokens=rows2, logprobs=rows2, num_generated=row, done=row,
-                                    position=row, keys=row, step=scalar, limit=scalar)
-        self._row, self._rows2, self._cache = row, rows2, cache
+        state = SamplingState(suffix=cache, tokens=rows2, logprobs=rows2, num_generated=row, done=row,
+                              position=row, keys=row, step=scalar, limit=scalar)
+        self._row, self._rows2 = row, rows2
 
-        self.prefill = jax.jit(self._prefill, static_argnums=(3,),
-                               in_shardings=(self._params, rows2, row),
-                               out_shardings=(cache, rows2))
-        self.start = jax.jit(self._start, static_argnums=(6, 7, 8),
-                             in_shardings=(cache, rows2, row, row, scalar, scalar),
-                             out_shardings=self._state)
-        # The state is donated: its KV cache is the largest buffer in the
-        # program, and donation lets XLA update it in place across calls
+        self.prefill = jax.jit(self._prefill, in_shardings=(params, rows2, row), out_shardings=(cache, rows2))
+        self.split = jax.jit(split_layers, in_shardings=(params,), out_shardings=layers)
+        self.start = jax.jit(self._start, static_argnums=(5, 6, 7, 8, 9),
+                             in_shardings=(rows2, row, row, scalar, scalar), out_shardings=state)
+        self.grow = jax.jit(lambda s, width: s.replace(suffix=s.suffix.grow(width)), static_argnums=(1,),
+                            in_shardings=(state,), out_shardings=state)
+        # The state is donated: its suffix cache is the buffer the loop writes
+        # every step, and donation lets XLA update it in place across calls
         # instead of holding an input and an output copy at once.
-        self.decode = jax.jit(self._decode, static_argnums=(2, 3), donate_argnums=(1,),
-                              in_shardings=(self._params, self._state), out_shardings=self._state)
-        self.expand = jax.jit(self._expand, static_argnums=(3,), in_shardings=(cache, rows2, row),
-                              out_shardings=(cache, rows2, row))
+        self.advance = jax.jit(self._advance, static_argnums=(4, 5), donate_argnums=(3,),
+                               in_shardings=(params, layers if split_weights else None, cache, state),
+                               out_shardings=state)
 
     # ----- the compiled programs -----
 
-    def _prefill(self, params, prompts: jax.Array, lengths: jax.Array, cache_len: int):
-        """prompts [B, P] right-padded, lengths [B] -> (cache with P filled slots, last logits [B, V])."""
-        b, p = prompts.shape
+    def _prefill(self, params, prompts: jax.Array, lengths: jax.Array) -> tuple[LayerCache, jax.Array]:
+        """prompts [B, P] right-padded, lengths [B] -> (prefix cache of P slots, last logits [B, V])."""
         with shd.activation_rules(self.mesh, self.rules):
-            idx = jnp.arange(p)[None, :]
+            idx = jnp.arange(prompts.shape[1])[None, :]
             positions = jnp.where(idx < lengths[:, None], idx, -1).astype(jnp.int32)
             out = apply(self.config, params, prompts, positions, want_values=False, return_kv=True,
                         logit_index=jnp.maximum(lengths - 1, 0))
-            # The prompt's own keys become slots [0, P) of a cache with room
-            # for the continuation; empty slots carry position -1.
-            grow = lambda x, axis, fill: jnp.pad(x, [(0, cache_len - p if a == axis else 0) for a in range(x.ndim)],
-                                                 constant_values=fill)
-            kv = out.cache
-            cache = KVCache(k=grow(kv.k, 3, 0), v=grow(kv.v, 3, 0), pos=grow(kv.pos, 1, -1))
-        return cache, out.logits[:, 0]
+        return LayerCache.from_stacked(out.cache), out.logits[:, 0]
 
-    def _expand(self, cache: KVCache, logits: jax.Array, lengths: jax.Array, k: int):
-        """Repeats each row K times (row n -> rows n*K .. n*K+K-1) after a single prefill."""
-        rep = lambda x, axis: jnp.repeat(x, k, axis=axis)
-        with shd.activation_rules(self.mesh, self.rules):
-            cache = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), pos=rep(cache.pos, 0))
-        return cache, rep(logits, 0), rep(lengths, 0)
-
-    def _start(self, cache: KVCache, logits: jax.Array, lengths: jax.Array, row_ids: jax.Array,
-               seed: jax.Array, limit: jax.Array, max_new: int, strategy: SamplingStrategy,
+    def _start(self, logits: jax.Array, lengths: jax.Array, row_ids: jax.Array, seed: jax.Array,
+               limit: jax.Array, max_new: int, share: int, width: int, strategy: SamplingStrategy,
                stop: StopCondition) -> SamplingState:
+        """Chooses each row's first token; with share=K, prefix row n starts rows n*K .. n*K+K-1."""
+        logits, lengths = jnp.repeat(logits, share, axis=0), jnp.repeat(lengths, share, axis=0)
         b = logits.shape[0]
         keys = _row_keys(seed, row_ids)
         tok, lp = select(self._limit(logits), jax.vmap(jax.random.fold_in, (0, None))(keys, 0), strategy)
         tokens = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(tok)
         logprobs = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp)
-        return SamplingState(cache=cache, tokens=tokens, logprobs=logprobs,
+        return SamplingState(suffix=LayerCache.empty(self.config, b, width), tokens=tokens, logprobs=logprobs,
                              num_generated=jnp.ones((b,), jnp.int32), done=stop.is_stop(tok) | (limit <= 1),
                              position=lengths.astype(jnp.int32), keys=keys, step=jnp.ones((), jnp.int32),
                              limit=jnp.asarray(limit, jnp.int32))
 
-    def _decode(self, params, state: SamplingState, strategy: SamplingStrategy,
-                stop: StopCondition) -> SamplingState:
-        prompt_len = state.cache.length - state.tokens.shape[1]
+    def _advance(self, params, layers, prefix: LayerCache, state: SamplingState, strategy: SamplingStrategy,
+                 stop: StopCondition) -> SamplingState:
+        """Decodes until every row stopped, the limit is reached, or the suffix has no free slot."""
+        width = state.suffix.length
 
         def cond(s: SamplingState):
-            return (s.step < s.limit) & ~jnp.all(s.done)
+            return (s.step < s.limit) & (s.step <= width) & ~jnp.all(s.done)
 
         def body(s: SamplingState) -> SamplingState:
+            # Step s feeds new token s-1 (whose keys go to suffix slot s-1) and chooses token s.
             last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=True)
+            pos = s.position[:, None]
             with shd.activation_rules(self.mesh, self.rules):
-                out = apply(self.config, params, last, s.position[:, None], cache=s.cache,
-                            cache_index=prompt_len + s.step - 1, want_values=False)
+                per_layer = layers if layers is not None else split_layers(params)
+                logits, suffix = decode_step(self.config, params, per_layer, last, pos, s.suffix, s.step - 1,
+                                             prefix=prefix)
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
-            tok, lp = select(self._limit(out.logits[:, 0]), step_keys, strategy)
+            tok, lp = select(self._limit(logits[:, 0]), step_keys, strategy)
             tok = jnp.where(s.done, self.pad_id, tok)
             lp = jnp.where(s.done, 0.0, lp)
             return s.replace(
-                cache=out.cache,
+                suffix=suffix,
                 tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tok, s.step, axis=1),
                 logprobs=jax.lax.dynamic_update_index_in_dim(s.logprobs, lp, s.step, axis=1),
                 num_generated=s.num_generated + (~s.done).astype(jnp.int32),
@@ -192,37 +214,44 @@ class Sampler:
         `row_ids` [B] name each row's random stream (default 0..B-1).
         """
         prompts, lengths = self.put_rows(prompts), self.put_rows(lengths)
-        b, p = prompts.shape
-        row_ids = self.put_rows(jnp.arange(b) if row_ids is None else row_ids)
-        cache, logits = self.prefill(params, prompts, lengths, p + max_new)
-        return self._run(params, cache, logits, lengths, row_ids, seed, max_new, strategy, stop, limit)
+        row_ids = self.put_rows(jnp.arange(prompts.shape[0]) if row_ids is None else row_ids)
+        prefix, logits = self.prefill(params, prompts, lengths)
+        return self._run(params, prefix, logits, lengths, 1, row_ids, seed, max_new, strategy, stop, limit)
 
     def rollouts(self, params, prefixes, lengths, *, k: int, max_new: int, strategy: SamplingStrategy,
                  stop: StopCondition, seed: int = 0, share_prefix: bool = True,
                  limit: int | None = None) -> SamplingState:
         """N prefixes [N, P] -> N*K continuations; row n*K+j is rollout j of prefix n.
 
-        share_prefix=True prefills each prefix once and repeats its KV cache K
-        times; False prefills N*K copies (the naive baseline). Both use the same
-        per-row keys, so they produce the same tokens.
+        share_prefix=True prefills each prefix once and its K rollouts read that
+        one cache; False prefills N*K copies (the naive baseline). Both use the
+        same per-row keys, so they produce the same tokens.
         """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         prefixes, lengths = jnp.asarray(prefixes), jnp.asarray(lengths)
-        n, p = prefixes.shape
+        n = prefixes.shape[0]
         row_ids = self.put_rows(jnp.arange(n * k))
-        if share_prefix:
-            cache, logits = self.prefill(params, self.put_rows(prefixes), self.put_rows(lengths), p + max_new)
-            cache, logits, lengths = self.expand(cache, logits, self.put_rows(lengths), k)
-        else:
-            prefixes, lengths = self.put_rows(jnp.repeat(prefixes, k, 0)), self.put_rows(jnp.repeat(lengths, k))
-            cache, logits = self.prefill(params, prefixes, lengths, p + max_new)
-        return self._run(params, cache, logits, lengths, row_ids, seed, max_new, strategy, stop, limit)
+        if not share_prefix:
+            prefixes, lengths, k = jnp.repeat(prefixes, k, 0), jnp.repeat(lengths, k), 1
+        prefixes, lengths = self.put_rows(prefixes), self.put_rows(lengths)
+        prefix, logits = self.prefill(params, prefixes, lengths)
+        return self._run(params, prefix, logits, lengths, k, row_ids, seed, max_new, strategy, stop, limit)
 
-    def _run(self, params, cache, logits, lengths, row_ids, seed, max_new, strategy, stop, limit):
+    def _run(self, params, prefix, logits, lengths, share, row_ids, seed, max_new, strategy, stop, limit):
+        if max_new < 1:
+            raise ValueError(f"max_new must be >= 1, got {max_new}")
         limit = max_new if limit is None else min(limit, max_new)
         seed = jnp.asarray(int(seed) % 2**32, jnp.uint32)  # any Python int names a stream
-        state = self.start(cache, logits, lengths, row_ids, seed, jnp.asarray(limit, jnp.int32),
-                           max_new, strategy, stop)
-        return self.decode(params, state, strategy, stop)
+        widths = phase_widths(max_new, self.decode_phases)
+        state = self.start(logits, lengths, row_ids, seed, jnp.asarray(limit, jnp.int32), max_new, share,
+                           widths[0] if widths else 0, strategy, stop)
+        layers = self.split(params) if self.split_weights else None
+        for i, width in enumerate(widths):
+            if i:
+                state = self.grow(state, width)
+            state = self.advance(params, layers, prefix, state, strategy, stop)
+        return state
 
 
 @functools.lru_cache(maxsize=16)
