@@ -64,14 +64,33 @@ class LayerCache:
 
 
 def split_layers(params: Params) -> tuple[Params, ...]:
-    """The stacked `backbone/layers` params as one params tree per layer.
-
-    This copies the layer weights once, so sampling holds them twice; in
-    exchange no decode step slices (and, on XLA:CPU, copies) them again.
-    """
+    """The stacked `backbone/layers` params as one params tree per layer."""
     stacked = params["backbone"]["layers"]
     n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
     return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(n))
+
+
+def decode_weights(config: ModelConfig, params: Params, *, split: bool = True
+                   ) -> tuple[Params, tuple[Params, ...] | None]:
+    """Params laid out for a decode loop: (params, per-layer params or None).
+
+    Matmul weights are cast once to the compute dtype: the forward casts them
+    at every use (`w.astype(dt)`), so this gives the same numbers without
+    converting every weight at every step, which in bfloat16 cost more than
+    the matmuls. Norm scales stay float32, as the forward keeps them.
+    With `split`, each layer's weights become their own arrays, and the
+    stacked copy is dropped from the returned params: this copies the layer
+    weights once, and in exchange no step slices (on XLA:CPU, copies) them.
+    Without it, steps slice the stacked float32 weights as the scan does.
+    """
+    cast = lambda tree, min_ndim: jax.tree_util.tree_map(
+        lambda a: a.astype(config.compute_dtype) if a.ndim >= min_ndim else a, tree)
+    backbone = dict(params["backbone"])
+    layers = backbone.pop("layers")
+    top = cast({**params, "backbone": backbone}, 2)
+    if not split:
+        return {**top, "backbone": {**top["backbone"], "layers": layers}}, None
+    return top, tuple(cast(layer, 2) for layer in split_layers({"backbone": {"layers": layers}}))
 
 
 def decode_step(config: ModelConfig, params: Params, layers: Sequence[Params], tokens: jax.Array,

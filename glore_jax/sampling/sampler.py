@@ -29,11 +29,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from glore_jax import sharding as shd
 from glore_jax.models import ModelConfig, apply, param_shardings
-from glore_jax.models.decoding import LAYER_CACHE_AXES, LayerCache, decode_step, split_layers
+from glore_jax.models.decoding import LAYER_CACHE_AXES, LayerCache, decode_step, decode_weights, split_layers
 from glore_jax.sampling.strategy import SamplingStrategy, select
 
 
@@ -112,9 +112,6 @@ class Sampler:
         m, r = self.mesh, rules
         self.batch_multiple = int(m.shape["data"] * m.shape["fsdp"])
         params = param_shardings(config, m, r)
-        layer = jax.tree_util.tree_map(lambda s: NamedSharding(m, PartitionSpec(*s.spec[1:])),
-                                       params["backbone"]["layers"])
-        layers = (layer,) * config.num_layers
         row, rows2 = shd.batch_sharding(m, 1, r), shd.batch_sharding(m, 2, r)
         kv = (shd.logical_sharding(LAYER_CACHE_AXES, m, r),) * config.num_layers
         cache = LayerCache(k=kv, v=kv, pos=rows2)
@@ -124,7 +121,10 @@ class Sampler:
         self._row, self._rows2 = row, rows2
 
         self.prefill = jax.jit(self._prefill, in_shardings=(params, rows2, row), out_shardings=(cache, rows2))
-        self.split = jax.jit(split_layers, in_shardings=(params,), out_shardings=layers)
+        # Output shardings follow the input's: a cast keeps them, and taking
+        # layer i of the unsharded 'layers' axis keeps the other axes' split.
+        self.weights = jax.jit(functools.partial(decode_weights, config, split=split_weights),
+                               in_shardings=(params,))
         self.start = jax.jit(self._start, static_argnums=(5, 6, 7, 8, 9),
                              in_shardings=(rows2, row, row, scalar, scalar), out_shardings=state)
         self.grow = jax.jit(lambda s, width: s.replace(suffix=s.suffix.grow(width)), static_argnums=(1,),
@@ -133,7 +133,7 @@ class Sampler:
         # every step, and donation lets XLA update it in place across calls
         # instead of holding an input and an output copy at once.
         self.advance = jax.jit(self._advance, static_argnums=(4, 5), donate_argnums=(3,),
-                               in_shardings=(params, layers if split_weights else None, cache, state),
+                               in_shardings=(None, None, cache, state),
                                out_shardings=state)
 
     # ----- the compiled programs -----
@@ -246,7 +246,7 @@ class Sampler:
         widths = phase_widths(max_new, self.decode_phases)
         state = self.start(logits, lengths, row_ids, seed, jnp.asarray(limit, jnp.int32), max_new, share,
                            widths[0] if widths else 0, strategy, stop)
-        layers = self.split(params) if self.split_weights else None
+        params, layers = self.weights(params)
         for i, width in enumerate(widths):
             if i:
                 state = self.grow(state, width)
