@@ -11,6 +11,7 @@ import pytest
 from glore_jax import models as M
 from glore_jax import sharding as shd
 from glore_jax.models.decoding import LayerCache, decode_step, split_layers
+from glore_jax.models.layers import write_slots
 
 TINY = M.preset("tiny")
 
@@ -87,6 +88,32 @@ def test_incremental_decode_with_cache_matches_full_forward(params):
         got.append(out.logits)
     np.testing.assert_allclose(np.concatenate(got, axis=1), np.asarray(full), atol=2e-5, rtol=1e-5)
     assert (np.asarray(cache.pos)[:, 10:] == -1).all() and (np.asarray(cache.pos)[:, :10] >= 0).all()
+
+
+def test_bfloat16_slot_writes_keep_the_bits_of_a_plain_update():
+    """`write_slots` writes 16-bit floats through an integer view; the result must be the same array."""
+    rng = np.random.default_rng(0)
+    buf = jnp.asarray(rng.standard_normal((2, 3, 8, 4)), jnp.bfloat16)
+    new = jnp.asarray(rng.standard_normal((2, 3, 1, 4)), jnp.float32)
+    for axis, update in ((2, new), (3, new.transpose(0, 1, 3, 2))):
+        got = jax.jit(write_slots, static_argnums=3)(buf, update, jnp.int32(5), axis)
+        want = jax.lax.dynamic_update_slice_in_dim(buf, update.astype(jnp.bfloat16), 5, axis)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+
+
+def test_bfloat16_cached_decode_matches_bfloat16_full_forward(params):
+    config = TINY.replace(dtype="bfloat16")
+    tokens = _tokens(2, 8)
+    full = M.policy_logits(config, params, tokens)
+    cache = M.KVCache.empty(config, batch=2, length=8)
+    assert cache.k.dtype == jnp.bfloat16 and cache.k.shape[-2:] == (config.head_dim, 8)
+    got = []
+    for i in range(8):
+        out = M.apply(config, params, tokens[:, i:i + 1], jnp.full((2, 1), i), cache=cache, cache_index=i)
+        cache = out.cache
+        got.append(out.logits)
+    np.testing.assert_allclose(np.concatenate(got, axis=1), np.asarray(full), atol=0.05)
 
 
 def test_padding_is_invisible(params):

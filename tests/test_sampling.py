@@ -9,7 +9,7 @@ from glore_jax import convert
 from glore_jax import models as M
 from glore_jax import sampling as S
 from glore_jax import sharding as shd
-from glore_jax.models.decoding import LAYER_CACHE_AXES
+from glore_jax.models.decoding import LAYER_K_AXES, LAYER_V_AXES
 from tests.hf_reference import make_tiny_hf_llama
 
 TINY = M.preset("tiny")
@@ -62,7 +62,8 @@ def test_same_results_on_one_device_and_eight_device_mesh(params):
                            stop=S.StopCondition())
     assert state.tokens.sharding.spec == shd.logical_to_spec(("activation_batch", None))
     assert all(len(k.sharding.device_set) == 8 for k in state.suffix.k)
-    assert state.suffix.k[0].sharding.spec == shd.logical_to_spec(LAYER_CACHE_AXES)
+    assert state.suffix.k[0].sharding.spec == shd.logical_to_spec(LAYER_K_AXES)
+    assert state.suffix.v[0].sharding.spec == shd.logical_to_spec(LAYER_V_AXES)
 
 
 def test_top_k_and_top_p_never_leave_the_allowed_set():
@@ -79,6 +80,18 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
     # renormalised frequencies within the kept set: 0.5 / 0.75 for token 0 under top_k=2
     tokens, _ = S.select(logits, keys, S.SamplingStrategy(temperature=1.0, top_k=2))
     assert abs(np.mean(np.asarray(tokens) == 0) - 2 / 3) < 0.03
+
+
+def test_greedy_choice_is_the_first_maximal_index():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 3, (64, 50)).astype(np.float32)  # many tied maxima per row
+    logits[5] = 1.0  # all tied: index 0
+    logits[6, -1] = 9.0  # maximum last
+    np.testing.assert_array_equal(np.asarray(S.first_argmax(jnp.asarray(logits))), logits.argmax(-1))
+    tokens, logprobs = S.select(jnp.asarray(logits), None, S.SamplingStrategy())
+    expected = jax.nn.log_softmax(jnp.asarray(logits), -1)[np.arange(64), logits.argmax(-1)]
+    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(expected), atol=1e-6)
+    assert tokens.dtype == jnp.int32
 
 
 def test_temperature_sampling_is_reproducible_per_seed(params):

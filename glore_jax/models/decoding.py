@@ -21,17 +21,17 @@ import jax
 import jax.numpy as jnp
 
 from glore_jax.models.config import ModelConfig
-from glore_jax.models.layers import Block
+from glore_jax.models.layers import GATE_UP, Block
 from glore_jax.models.params import Params
-from glore_jax.models.transformer import Backbone, KVCache, LMHead
+from glore_jax.models.transformer import CACHE_K_AXES, CACHE_V_AXES, Backbone, KVCache, LMHead
 
-# Logical axes of one layer's k or v buffer [B, KVH, S, D].
-LAYER_CACHE_AXES = ("activation_batch", "activation_kv_heads", "cache_length", "activation_head_dim")
+# Logical axes of one layer's k [B, KVH, D, S] and v [B, KVH, S, D] buffers.
+LAYER_K_AXES, LAYER_V_AXES = CACHE_K_AXES[1:], CACHE_V_AXES[1:]
 
 
 @flax.struct.dataclass
 class LayerCache:
-    """Keys/values per layer: k[l], v[l] are [B, KVH, S, D]; pos [B, S] is each slot's position (-1 = empty)."""
+    """Keys/values per layer: k[l] [B, KVH, D, S], v[l] [B, KVH, S, D]; pos [B, S]: each slot's position (-1 = empty)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -39,15 +39,15 @@ class LayerCache:
 
     @classmethod
     def from_stacked(cls, cache: KVCache) -> "LayerCache":
-        """Splits a scanned `[L, B, KVH, S, D]` cache (e.g. a prefill's) into per-layer buffers."""
+        """Splits a scanned `KVCache` (e.g. a prefill's) into per-layer buffers."""
         n = cache.k.shape[0]
         return cls(k=tuple(cache.k[i] for i in range(n)), v=tuple(cache.v[i] for i in range(n)), pos=cache.pos)
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, length: int) -> "LayerCache":
-        shape = (batch, config.num_kv_heads, length, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
-        return cls(k=zeros, v=zeros, pos=jnp.full((batch, length), -1, jnp.int32))
+        stacked = KVCache.empty(config, batch, length)
+        return cls(k=tuple(jnp.zeros_like(a) for a in stacked.k), v=tuple(jnp.zeros_like(a) for a in stacked.v),
+                   pos=stacked.pos)
 
     @property
     def length(self) -> int:
@@ -58,8 +58,8 @@ class LayerCache:
         extra = length - self.length
         if extra < 0:
             raise ValueError(f"Cannot grow a cache of {self.length} slots to {length}")
-        pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, extra), (0, 0)])
-        return LayerCache(k=tuple(map(pad, self.k)), v=tuple(map(pad, self.v)),
+        pad = lambda x, axis: jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
+        return LayerCache(k=tuple(pad(k, 3) for k in self.k), v=tuple(pad(v, 2) for v in self.v),
                           pos=jnp.pad(self.pos, [(0, 0), (0, extra)], constant_values=-1))
 
 
@@ -81,7 +81,9 @@ def decode_weights(config: ModelConfig, params: Params, *, split: bool = True
     With `split`, each layer's weights become their own arrays, and the
     stacked copy is dropped from the returned params: this copies the layer
     weights once, and in exchange no step slices (on XLA:CPU, copies) them.
-    Without it, steps slice the stacked float32 weights as the scan does.
+    Each layer's MLP gate and up are also stacked into one `GATE_UP` weight
+    (see `MLP`). Without `split`, steps slice the stacked float32 weights as
+    the scan does, and no weight is copied.
     """
     cast = lambda tree, min_ndim: jax.tree_util.tree_map(
         lambda a: a.astype(config.compute_dtype) if a.ndim >= min_ndim else a, tree)
@@ -90,7 +92,13 @@ def decode_weights(config: ModelConfig, params: Params, *, split: bool = True
     top = cast({**params, "backbone": backbone}, 2)
     if not split:
         return {**top, "backbone": {**top["backbone"], "layers": layers}}, None
-    return top, tuple(cast(layer, 2) for layer in split_layers({"backbone": {"layers": layers}}))
+
+    def fuse(layer: Params) -> Params:
+        mlp = dict(layer["mlp"])
+        mlp[GATE_UP] = jnp.stack([mlp.pop("gate"), mlp.pop("up")], axis=1)
+        return {**layer, "mlp": mlp}
+
+    return top, tuple(fuse(cast(layer, 2)) for layer in split_layers({"backbone": {"layers": layers}}))
 
 
 def decode_step(config: ModelConfig, params: Params, layers: Sequence[Params], tokens: jax.Array,

@@ -21,17 +21,20 @@ import jax
 import jax.numpy as jnp
 
 from glore_jax.models.config import ModelConfig
-from glore_jax.models.layers import RMSNorm, Block, param
+from glore_jax.models.layers import Block, RMSNorm, param, write_slots
 from glore_jax.sharding import constrain
 
-CACHE_AXES = ("layers", "activation_batch", "activation_kv_heads", "cache_length", "activation_head_dim")
+# Logical axes of the stacked k [L, B, KVH, D, S] and v [L, B, KVH, S, D] (see `layers.Attention`).
+CACHE_K_AXES = ("layers", "activation_batch", "activation_kv_heads", "activation_head_dim", "cache_length")
+CACHE_V_AXES = ("layers", "activation_batch", "activation_kv_heads", "cache_length", "activation_head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
     """Keys/values for every layer plus the position held in each slot (-1 = empty).
 
-    k, v: [L, B, KVH, S, D] in the compute dtype; pos: [B, S] int32.
+    k: [L, B, KVH, D, S] and v: [L, B, KVH, S, D] in the compute dtype (keys
+    slots-minor, see `layers.Attention`); pos: [B, S] int32.
     """
 
     k: jax.Array
@@ -40,8 +43,9 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
-        shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
-        return cls(k=jnp.zeros(shape, config.compute_dtype), v=jnp.zeros(shape, config.compute_dtype),
+        c = config
+        return cls(k=jnp.zeros((c.num_layers, batch, c.num_kv_heads, c.head_dim, length), c.compute_dtype),
+                   v=jnp.zeros((c.num_layers, batch, c.num_kv_heads, length, c.head_dim), c.compute_dtype),
                    pos=jnp.full((batch, length), -1, jnp.int32))
 
     @property
@@ -85,10 +89,8 @@ class Backbone(nn.Module):
         x = self.finish(x)
         if cache is not None:
             # One in-place write of every layer's new keys, after the scan.
-            put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
-                                                                              cache_index, axis=axis)
-            return x, KVCache(k=put(cache.k, k, 3), v=put(cache.v, v, 3),
-                              pos=put(cache.pos, positions.astype(jnp.int32), 1))
+            return x, KVCache(k=write_slots(cache.k, k, cache_index, 4), v=write_slots(cache.v, v, cache_index, 3),
+                              pos=write_slots(cache.pos, positions.astype(jnp.int32), cache_index, 1))
         if return_kv:
             return x, KVCache(k=k, v=v, pos=positions.astype(jnp.int32))
         return x, None

@@ -13,10 +13,10 @@ from jax.sharding import Mesh
 
 from glore_jax.models import ModelConfig
 from glore_jax.sampling.sampler import Sampler, SamplingState, StopCondition, phase_widths, sampler_for
-from glore_jax.sampling.strategy import SamplingStrategy, filter_logits, select
+from glore_jax.sampling.strategy import SamplingStrategy, filter_logits, first_argmax, select
 
 __all__ = ["generate", "pad_prompts", "bucket", "stop_ids_for_strings", "Sampler", "SamplingState", "SamplingStrategy", "StopCondition",
-           "filter_logits", "phase_widths", "select", "sampler_for", "unpad"]
+           "filter_logits", "first_argmax", "phase_widths", "select", "sampler_for", "unpad"]
 
 
 def bucket(n: int, minimum: int = 16) -> int:

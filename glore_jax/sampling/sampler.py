@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 
 from glore_jax import sharding as shd
 from glore_jax.models import ModelConfig, apply, param_shardings
-from glore_jax.models.decoding import LAYER_CACHE_AXES, LayerCache, decode_step, decode_weights, split_layers
+from glore_jax.models.decoding import LAYER_K_AXES, LAYER_V_AXES, LayerCache, decode_step, decode_weights, split_layers
 from glore_jax.sampling.strategy import SamplingStrategy, select
 
 
@@ -113,8 +113,8 @@ class Sampler:
         self.batch_multiple = int(m.shape["data"] * m.shape["fsdp"])
         params = param_shardings(config, m, r)
         row, rows2 = shd.batch_sharding(m, 1, r), shd.batch_sharding(m, 2, r)
-        kv = (shd.logical_sharding(LAYER_CACHE_AXES, m, r),) * config.num_layers
-        cache = LayerCache(k=kv, v=kv, pos=rows2)
+        per_layer = lambda axes: (shd.logical_sharding(axes, m, r),) * config.num_layers
+        cache = LayerCache(k=per_layer(LAYER_K_AXES), v=per_layer(LAYER_V_AXES), pos=rows2)
         scalar = shd.replicated(m)
         state = SamplingState(suffix=cache, tokens=rows2, logprobs=rows2, num_generated=row, done=row,
                               position=row, keys=row, step=scalar, limit=scalar)

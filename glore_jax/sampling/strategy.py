@@ -60,10 +60,25 @@ def select(logits: jax.Array, keys: jax.Array, strategy: SamplingStrategy) -> tu
     """
     logits = logits.astype(jnp.float32)
     if strategy.greedy:
-        tokens = jnp.argmax(logits, axis=-1)
+        tokens = first_argmax(logits)
     else:
+        # The Gumbel-max trick, as `jax.random.categorical` does it, with the
+        # faster `first_argmax` in place of argmax.
         filtered = filter_logits(logits, strategy)
-        tokens = jax.vmap(jax.random.categorical)(keys, filtered)
-    tokens = tokens.astype(jnp.int32)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return tokens, logprobs
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, filtered.shape[-1:], jnp.float32))(keys)
+        tokens = first_argmax(filtered + noise)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` (the first maximal index) as int32 [B], for finite logits.
+
+    As two plain reductions (a max, then a min over the indices that hold it)
+    rather than argmax's one reduction over (value, index) pairs, which
+    XLA:CPU does not vectorise: 3% of a demo-preset decode step.
+    """
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    first = jnp.min(jnp.where(logits == best, iota, logits.shape[-1]), axis=-1)
+    return jnp.minimum(first, logits.shape[-1] - 1)  # NaN rows: no index equals the max
