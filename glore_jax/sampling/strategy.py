@@ -72,7 +72,7 @@ def select(logits: jax.Array, keys: jax.Array, strategy: SamplingStrategy) -> tu
 
 
 def first_argmax(logits: jax.Array) -> jax.Array:
-    """`jnp.argmax(logits, -1)` (the first maximal index) as int32 [B], for finite logits.
+    """`jnp.argmax(logits, -1)` (the first maximal index) as int32 [B], for logits without NaN (-inf is fine).
 
     As two plain reductions (a max, then a min over the indices that hold it)
     rather than argmax's one reduction over (value, index) pairs, which
