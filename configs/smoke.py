@@ -26,6 +26,8 @@ def get_config(stage: str | None = None):
     c.train.eval_batches = 1
     c.train.checkpoint_every = 10
     add_pipeline(c, {name: (20, 3e-3) for name in ("policy", "ei", "orm", "sorm", "global_refiner", "local_refiner")},
-                 ei_k=2, orm_k=2, sorm_k=2, train_questions=16, test_questions=8, value_eval_k=1,
+                 ei_k=2, orm_k=2, sorm_k=2, train_questions=16, test_questions=8, val_questions=8, value_eval_k=1,
+                 # a 20-step model is rarely right: reference targets keep every stage fed
+                 reference_fallback=True,
                  max_new_tokens=48, max_prompt_len=112, sample_rows=16, shard_size=8)
     return stage_config(locked(c), stage or "policy")

@@ -9,8 +9,22 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-REQUIRED = ("greedy", "best_of_3", "global", "local", "glore", "orm_step_accuracy", "sorm_step_accuracy",
-            "orm_final_accuracy", "sorm_final_accuracy")
+ROWS = ("greedy", "best_of_3", "greedy_plus_2", "global", "local", "glore", "oracle", "oracle_any")
+REQUIRED = ROWS + tuple(f"{m}_{k}" for m in ("orm", "sorm") for k in (
+    "step_accuracy", "final_accuracy", "step_auroc", "step_balanced_accuracy", "final_auroc", "where_accuracy")) + (
+    "sorm_label_precision", "sorm_label_recall", "refine_rate", "orm_threshold", "refine_pairs_by_source")
+
+
+def _check_report(report):
+    results = report["results"]
+    for key in REQUIRED:
+        assert key in results, key
+    for row in ROWS:
+        lo, hi = results["ci95"][row]
+        assert 0 <= lo <= results[row] <= hi <= 1, row
+        assert 0 <= results["p_vs_greedy"][row] <= 1, row
+    assert report["num_test"] == report["config"]["glore"]["test_questions"] and "seed" in report
+    assert set(report["timings"]) >= {"policy", "calibrate", "inference", "value_eval"}
 
 
 def _pipeline(workdir, **kw):
@@ -51,8 +65,15 @@ def test_smoke_pipeline_resumes_after_a_kill_and_reruns_do_no_work(tmp_path):
     after = _files(stage)
     assert all(after[name] == m for name, m in before.items()), "finished shards were recomputed"
     report = json.loads((wd / "report.json").read_text())
-    for key in REQUIRED:
-        assert key in report["results"], key
+    _check_report(report)
+    # The ORM gate is calibrated on validation questions carved from the train split: none is a test
+    # question, and none was in the policy's SFT set (the EI records hold the SFT set plus samples).
+    val_q, test_q, sft_q = ({json.loads(line)["question"] for line in (wd / "stages" / path).read_text().splitlines()}
+                            for path in ("calibrate/rows.jsonl", "inference/rows.jsonl",
+                                         "ei_1_samples/sft_records.jsonl"))
+    assert len(val_q) == 8 and not val_q & test_q and not val_q & sft_q
+    assert report["results"]["orm_threshold"] == json.loads(
+        (wd / "stages" / "calibrate" / "done.json").read_text())["result"]["orm_threshold"]
     assert (wd / "report.md").exists() and (wd / "step_accuracy.png").exists() and (wd / "calibration.png").exists()
     # every stage read one dataset and one tokenizer, built once under <workdir>/data
     assert len(list((wd / "data" / "tokenizers").glob("*.model"))) == 1
@@ -63,7 +84,7 @@ def test_smoke_pipeline_resumes_after_a_kill_and_reruns_do_no_work(tmp_path):
     snapshot = _files(wd)
     t0 = time.time()
     out, _ = _pipeline(wd).communicate(timeout=600)
-    assert out.count("already done, skipped") == 13, out[-3000:]
+    assert out.count("already done, skipped") == 14, out[-3000:]
     assert _files(wd) == snapshot, "a finished pipeline wrote files on re-run"
     assert time.time() - t0 < 120
 
@@ -79,7 +100,6 @@ def test_gsm8k_pipeline_uses_rollout_labels_as_step_truth(tmp_path, shared_dir):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     report = json.loads((wd / "report.json").read_text())
     assert report["task"] == "gsm8k" and report["step_truth"].startswith("held-out rollout labels")
-    for key in REQUIRED:
-        assert key in report["results"], key
+    _check_report(report)
     # the truth came from rollouts of the test-question samples, saved in the stage
     assert list((wd / "stages" / "value_eval" / "rollouts").glob("shard_*.jsonl"))

@@ -138,3 +138,79 @@ def test_reference_fallback_supplies_targets_and_is_counted():
     assert by_q["q1"]["bad_step"] == 0 and by_q["q1"]["target"] == refs["q1"] and by_q["q1"]["source"] == "reference"
     g = refine_data.global_pairs([("q1", "10", ["#### 3"])], references=refs)
     assert g == [{"question": "q1", "gold": "10", "draft": "#### 3", "target": refs["q1"], "source": "reference"}]
+
+
+def test_sorm_subsample_covers_the_questions_with_right_and_wrong_samples():
+    # ORM records come grouped by question: 12 questions x 4 samples, the first two of each right.
+    records = [{"question": f"q{i}", "gold": "1", "solution": f"s{i}{j}", "correct": j < 2}
+               for i in range(12) for j in range(4)]
+    got = sorm_labels.subsample(records, 12, seed=0)
+    assert len(got) == 12 and len({r["question"] for r in got}) == 12   # a head slice would cover 3
+    assert {r["correct"] for r in sorm_labels.subsample(records, 30, seed=0)} == {True, False}
+    assert len({r["question"] for r in sorm_labels.subsample(records, 30, seed=0)}) == 12
+    assert sorm_labels.subsample(records, 12, seed=0) == got                      # seeded
+    assert sorm_labels.subsample(records, 12, seed=1) != got
+    assert sorm_labels.subsample(records, 0, seed=0) == records                   # 0 = all
+
+
+def test_local_pairs_from_rollouts_match_a_hand_computed_case():
+    labelled = sorm_labels.label_solutions(ITEMS, table_policy, sorm_labels.LabelConfig(k=2, balance=False))
+    # q1: last positive prefix has 1 step; its rollouts "#### 5" (fails) and "#### 10" (verified).
+    # q2 (right) and q3: every step positive, so the prefix is both steps; "#### 1" fails, "#### 4"/"#### 9" verify.
+    expected = [
+        {"question": "q1", "gold": "10", "draft": "a = 1\n#### 5", "bad_step": 1, "target": "a = 1\n#### 10",
+         "source": "rollout"},
+        {"question": "q2", "gold": "4", "draft": "x = 1\ny = 3\n#### 1", "bad_step": 2,
+         "target": "x = 1\ny = 3\n#### 4", "source": "rollout"},
+        {"question": "q3", "gold": "9", "draft": "p = 1\nq = 2\n#### 1", "bad_step": 2,
+         "target": "p = 1\nq = 2\n#### 9", "source": "rollout"},
+    ]
+    assert refine_data.rollout_pairs(labelled) == expected
+    pairs, _ = refine_data.local_pairs(labelled, from_rollouts=True)
+    assert [p["source"] for p in pairs] == ["rollout"] * 3 + ["policy"] * 2       # plus the drafts' own pairs
+    assert refine_data.local_pairs(labelled)[0] == pairs[3:]
+
+
+def _row(draft_ok, draft_orm, global_ok=False, global_orm=0.0, local_ok=False, local_orm=0.0,
+         samples=((False, 0.0),) * 3):
+    return {"correct": {"draft": draft_ok, "global": global_ok, "local": local_ok},
+            "orm": {"draft": draft_orm, "global": global_orm, "local": local_orm},
+            "samples": ["s"] * len(samples), "samples_correct": [c for c, _ in samples],
+            "samples_orm": [o for _, o in samples]}
+
+
+def test_outcomes_gate_rerank_and_the_like_for_like_baseline():
+    rows = [_row(False, 0.2, global_ok=True, global_orm=0.7, samples=((True, 0.9), (False, 0.1), (True, 0.3))),
+            _row(True, 0.8, local_ok=False, local_orm=0.9, samples=((False, 0.5), (False, 0.6), (True, 0.95)))]
+    acc = inference.outcomes(rows, orm_threshold=0.5)
+    assert acc["greedy"] == [False, True]
+    assert acc["best_of_3"] == [True, True]          # highest ORM sample: 0.9 (right), 0.95 (right)
+    # draft + first 2 samples: row 0 picks sample 0 (0.9, right); row 1 the draft (0.8 beats 0.5, 0.6)
+    assert acc["greedy_plus_2"] == [True, True]
+    assert acc["glore"] == [True, True]              # row 1 is not refined: 0.8 >= 0.5
+    assert inference.outcomes(rows, orm_threshold=0.85)["glore"] == [True, False]   # local 0.9 outranks
+    assert acc["oracle_any"] == [True, True]
+
+
+def test_threshold_calibration_maximises_validation_glore_accuracy():
+    # Refining helps drafts scored 0.1 and 0.3 (wrong, fixed) and hurts the one at 0.6 (right, broken).
+    rows = [_row(False, 0.1, global_ok=True, global_orm=0.9), _row(False, 0.3, global_ok=True, global_orm=0.9),
+            _row(True, 0.6, global_ok=False, global_orm=0.9), _row(True, 0.95)]
+    assert inference.calibrate_threshold(rows) == pytest.approx(0.45)   # midpoint of 0.3 and 0.6
+    assert inference.calibrate_threshold([_row(True, 0.5), _row(True, 0.7)]) == 0.0   # never refine
+    s = inference.summarize(rows, 0.45)
+    assert s["refine_rate"] == 0.5 and s["glore"] == 1.0 and s["greedy"] == 0.5
+    # fix/break rates compare every refinement with its draft, gated or not: both right drafts are broken
+    assert s["global_counts"] == {"fixed": 2, "wrong_drafts": 2, "broke": 2, "right_drafts": 2}
+    assert s["ci95"]["greedy"][0] < 0.5 < s["ci95"]["greedy"][1]
+
+
+def test_where_accuracy_and_label_quality_against_exact_truth():
+    truths = [[1, 0, 0], [1, 1, 0], [1, 1, 1]]                 # first wrong: 1, 2, none (ignored)
+    probs = [np.array([0.9, 0.2, 0.1]), np.array([0.3, 0.8, 0.1]), np.array([0.9, 0.9, 0.9])]
+    assert value_eval.where_accuracy(probs, truths, 0.5) == 0.5   # finds 1; locates 0 instead of 2
+    labels = [[1, 1, 0], [1, 0, -1], [1, 1, 1]]
+    q = value_eval.label_quality(labels, truths)
+    # 7 scored labels: TP = 1+1+3 = 5, FP = 1 (pos 1 of row 0), FN = 1 (pos 1 of row 1), TN = 1
+    assert q["precision"] == pytest.approx(5 / 6) and q["recall"] == pytest.approx(5 / 6)
+    assert q["accuracy"] == pytest.approx(6 / 8) and q["labels"] == 8

@@ -36,12 +36,14 @@ def glore_knobs() -> ConfigDict:
     g.orm_k = 4                     # samples per train question for ORM / refinement data
     g.sorm_solutions = 0            # sampled solutions to label by rollouts (0 = all ORM samples)
     g.sorm_k = 8                    # rollouts per step prefix
-    g.check_intermediate = False    # a verifying rollout must reuse the step's result
+    g.check_intermediate = True     # a verifying rollout must reuse the step's result (see README: label precision)
     g.balance = True                # balance SORM positives/negatives per step index
     g.global_pairs_per_question = 4
-    g.reference_fallback = True     # refinement targets from reference solutions when the policy has none
+    g.reference_fallback = False    # refinement targets from reference solutions when the policy has none
+    g.local_pairs_from_rollouts = True  # failed SORM rollouts of the last positive prefix pair with verified ones
     g.test_questions = 0            # test questions for inference (0 = all)
-    g.orm_threshold = 0.5           # when: refine if ORM P(correct) of the draft is below this
+    g.val_questions = 200           # train questions carved out (never trained on) to calibrate the ORM gate
+    g.orm_threshold = -1.0          # when: refine if ORM P(correct) of the draft is below this; < 0 = calibrate
     g.sorm_threshold = 0.5          # where: the first step whose SORM value is below this
     g.best_of = 3
     g.value_eval_k = 2              # policy samples per test question for ORM/SORM step accuracy

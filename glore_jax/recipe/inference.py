@@ -1,14 +1,21 @@
 """When, where and how to refine (GLoRe section 4), and the rows the paper compares.
 
-  when  the ORM's P(correct) of the greedy draft is below `orm_threshold`;
+  when  the ORM's P(correct) of the greedy draft is below `orm_threshold`,
+        a threshold calibrated on validation questions (`calibrate_threshold`);
   where the first step whose SORM value falls below `sorm_threshold`
         (the lowest-valued position if none does);
   how   a global refinement (a new solution) and a local one (a new
         continuation from the marked step); the ORM reranks
         {draft, global, local} and the draft wins ties.
 
-Every refinement is computed for every draft, so the gated rows, the oracle
-rows and the fix/break rates all come from one set of generations.
+`generate` computes every candidate for every question once (draft, both
+refinements, `best_of` samples, and their ORM scores); `outcomes` then applies
+a gate to those rows. So the gated rows, the oracle rows, the fix/break rates
+and the threshold search all read one set of generations.
+
+Baselines: greedy; best-of-N samples reranked by the ORM; and the like-for-like
+one, the greedy draft plus N-1 samples reranked by the ORM, which has as many
+candidates as GLoRe (draft, global, local) and the same draft among them.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from glore_jax import prompts
+from glore_jax.recipe import stats
 from glore_jax.recipe.scoring import ValueScorer
 from glore_jax.recipe.textgen import TextGenerator
 from glore_jax.tasks import is_correct
@@ -26,7 +34,6 @@ from glore_jax.tasks import is_correct
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class InferenceConfig:
-    orm_threshold: float = 0.5
     sorm_threshold: float = 0.5
     best_of: int = 3
     temperature: float = 0.7
@@ -45,21 +52,16 @@ def first_bad_step(step_probs: np.ndarray, threshold: float) -> int:
     return int(below[0]) if len(below) else int(np.argmin(step_probs))
 
 
-def _rate(flags: Sequence[bool]) -> float:
-    return float(np.mean(flags)) if len(flags) else 0.0
-
-
-def run_inference(items: Sequence[tuple[str, str]], *, policy: TextGenerator, global_refiner: TextGenerator,
-                  local_refiner: TextGenerator, orm: ValueScorer, sorm: ValueScorer, config: InferenceConfig,
-                  seed: int = 0) -> tuple[dict[str, float], list[dict]]:
-    """items: (question, gold). Returns (the comparison rows, one detail dict per question)."""
+def generate(items: Sequence[tuple[str, str]], *, policy: TextGenerator, global_refiner: TextGenerator,
+             local_refiner: TextGenerator, orm: ValueScorer, sorm: ValueScorer, config: InferenceConfig,
+             seed: int = 0) -> list[dict]:
+    """items: (question, gold). One row per question with every candidate, its ORM score and correctness."""
     tok = policy.tokenizer
     questions = [q for q, _ in items]
     drafts = [c[0] for c in policy.complete([prompts.policy_prompt(tok, q) for q in questions])]
     samples = policy.complete([prompts.policy_prompt(tok, q) for q in questions], k=config.best_of,
                               temperature=config.temperature, seed=seed)
 
-    orm_draft = orm.final_probs(list(zip(questions, drafts)))
     sorm_steps = sorm.step_probs(list(zip(questions, drafts)))
     bad_steps = [min(first_bad_step(p, config.sorm_threshold), prompts.num_scorable_positions(d) - 1)
                  for p, d in zip(sorm_steps, drafts)]
@@ -75,42 +77,74 @@ def run_inference(items: Sequence[tuple[str, str]], *, policy: TextGenerator, gl
     local_out = [prompts.splice_local(d, b, c) if ok else c
                  for d, b, c, ok in zip(drafts, bad_steps, local_cont, local_ok)]
 
-    orm_global = orm.final_probs(list(zip(questions, global_out)))
-    orm_local = orm.final_probs(list(zip(questions, local_out)))
+    scores = {name: orm.final_probs(list(zip(questions, sols)))
+              for name, sols in (("draft", drafts), ("global", global_out), ("local", local_out))}
     flat_samples = [(q, s) for q, ss in zip(questions, samples) for s in ss]
     orm_samples = orm.final_probs(flat_samples).reshape(len(items), config.best_of)
-
-    rows, acc = [], {k: [] for k in ("greedy", f"best_of_{config.best_of}", "global", "local", "glore",
-                                     "oracle", "oracle_any")}
-    fixes = {"global": [], "local": []}
-    breaks = {"global": [], "local": []}
+    rows = []
     for i, (q, gold) in enumerate(items):
-        right = {name: is_correct(sol, gold) for name, sol in
-                 (("draft", drafts[i]), ("global", global_out[i]), ("local", local_out[i]))}
-        scores = {"draft": orm_draft[i], "global": orm_global[i], "local": orm_local[i]}
-        refine = bool(orm_draft[i] < config.orm_threshold)
+        sols = {"draft": drafts[i], "global": global_out[i], "local": local_out[i]}
+        rows.append({"question": q, "gold": gold, **sols, "bad_step": bad_steps[i],
+                     "orm": {k: float(v[i]) for k, v in scores.items()},
+                     "correct": {k: is_correct(s, gold) for k, s in sols.items()},
+                     "sorm_steps": [float(x) for x in sorm_steps[i]], "samples": samples[i],
+                     "samples_orm": [float(x) for x in orm_samples[i]],
+                     "samples_correct": [is_correct(s, gold) for s in samples[i]]})
+    return rows
+
+
+def outcomes(rows: Sequence[dict], orm_threshold: float) -> dict[str, list[bool]]:
+    """Per-question correctness of every compared method, refining where the draft's ORM score < threshold."""
+    best_of = len(rows[0]["samples"]) if rows else 3
+    acc: dict[str, list[bool]] = {k: [] for k in ("greedy", f"best_of_{best_of}", f"greedy_plus_{best_of - 1}",
+                                                  "global", "local", "glore", "oracle", "oracle_any")}
+    for r in rows:
+        right, score = r["correct"], r["orm"]
+        refine = score["draft"] < orm_threshold
 
         def pick(names, gate):
-            if not gate:
-                return right["draft"]
-            return right[names[rerank([scores[n] for n in names])]]
+            return right[names[rerank([score[n] for n in names])]] if gate else right["draft"]
 
         acc["greedy"].append(right["draft"])
-        acc[f"best_of_{config.best_of}"].append(is_correct(samples[i][rerank(orm_samples[i])], gold))
+        acc[f"best_of_{best_of}"].append(r["samples_correct"][rerank(r["samples_orm"])])
+        plus = [score["draft"]] + r["samples_orm"][:best_of - 1]
+        acc[f"greedy_plus_{best_of - 1}"].append(([right["draft"]] + r["samples_correct"])[rerank(plus)])
         acc["global"].append(pick(["draft", "global"], refine))
         acc["local"].append(pick(["draft", "local"], refine))
         acc["glore"].append(pick(["draft", "global", "local"], refine))
         acc["oracle"].append(pick(["draft", "global", "local"], not right["draft"]))
         acc["oracle_any"].append(right["draft"] or right["global"] or right["local"])
-        for name in ("global", "local"):
-            (breaks if right["draft"] else fixes)[name].append(right[name] != right["draft"])
-        rows.append({"question": q, "gold": gold, "draft": drafts[i], "global": global_out[i],
-                     "local": local_out[i], "bad_step": bad_steps[i], "refine": refine,
-                     "orm": {k: float(v) for k, v in scores.items()}, "correct": right,
-                     "sorm_steps": [float(x) for x in sorm_steps[i]], "samples": samples[i]})
-    results = {k: _rate(v) for k, v in acc.items()}
-    results["refine_rate"] = _rate([r["refine"] for r in rows])
+    return acc
+
+
+def calibrate_threshold(rows: Sequence[dict]) -> float:
+    """The ORM gate that maximises GLoRe accuracy on `rows` (validation questions, never test).
+
+    Candidates are the midpoints between consecutive distinct draft scores
+    (plus 0: never refine, and 1: always); ties go to the lower threshold,
+    which refines fewer drafts.
+    """
+    s = np.unique([r["orm"]["draft"] for r in rows])
+    candidates = np.concatenate([[0.0], (s[:-1] + s[1:]) / 2, [1.0 + 1e-9]])
+    accs = [np.mean(outcomes(rows, float(t))["glore"]) for t in candidates]
+    return float(candidates[int(np.argmax(accs))])
+
+
+def summarize(rows: Sequence[dict], orm_threshold: float) -> dict:
+    """Accuracy, 95% Wilson interval and exact McNemar p against greedy for every row; refine and fix/break."""
+    acc = outcomes(rows, orm_threshold)
+    table = stats.paired_summary(acc, baseline="greedy")
+    results: dict = {k: v["acc"] for k, v in table.items()}
+    results["ci95"] = {k: v["ci95"] for k, v in table.items()}
+    results["p_vs_greedy"] = {k: v["p_vs_baseline"] for k, v in table.items()}
+    results["orm_threshold"] = orm_threshold
+    results["refine_rate"] = float(np.mean([r["orm"]["draft"] < orm_threshold for r in rows])) if rows else 0.0
     for name in ("global", "local"):
-        results[f"{name}_fixed_wrong"] = _rate(fixes[name])
-        results[f"{name}_broke_right"] = _rate(breaks[name])
-    return results, rows
+        changed = [(r["correct"]["draft"], r["correct"][name]) for r in rows]
+        wrong = [after for before, after in changed if not before]
+        right = [not after for before, after in changed if before]
+        results[f"{name}_fixed_wrong"] = float(np.mean(wrong)) if wrong else 0.0
+        results[f"{name}_broke_right"] = float(np.mean(right)) if right else 0.0
+        results[f"{name}_counts"] = {"fixed": int(sum(wrong)), "wrong_drafts": len(wrong),
+                                     "broke": int(sum(right)), "right_drafts": len(right)}
+    return results

@@ -9,6 +9,13 @@ negative) -> a verified rollout continuation from the last positive prefix.
 The continuation starts exactly where the marker is, which is what makes the
 refinement local: the steps before the marker are kept verbatim.
 
+The SORM's rollouts are drafts too (the paper reuses them this way): from
+the last positive prefix of a labelled solution, every rollout that fails is
+a draft whose first wrong step is the first one after the prefix (the prefix
+is still solvable, the rollout's own continuation is not), and a verified
+rollout from the same prefix is its target. That gives up to K local pairs
+per labelled solution instead of one (`source: "rollout"`).
+
 Reference fallback (`references`, optional): when the policy produced no
 right sample of a question (global) or no verified continuation (local),
 the train set's reference solution is the target (local: its steps from the
@@ -45,18 +52,22 @@ def global_pairs(samples: Sequence[tuple[str, str, Sequence[str]]], *, max_per_q
     return pairs
 
 
-def local_pairs(labelled: Sequence[LabelledSolution], *, seed: int = 0,
-                references: dict[str, str] | None = None) -> tuple[list[dict], dict[str, int]]:
-    """Local pairs from wrong, SORM-labelled solutions, plus counts of why others were skipped."""
+def local_pairs(labelled: Sequence[LabelledSolution], *, seed: int = 0, references: dict[str, str] | None = None,
+                from_rollouts: bool = False) -> tuple[list[dict], dict[str, int]]:
+    """Local pairs from wrong, SORM-labelled solutions, plus counts of why others were skipped.
+
+    from_rollouts: also pair the failed rollouts of each last positive prefix
+    with verified ones (`rollout_pairs`).
+    """
     rng = random.Random(seed)
     pairs, skipped = [], {"draft_correct": 0, "no_verified_continuation": 0, "no_final_line": 0}
+    if from_rollouts:
+        pairs.extend(rollout_pairs(labelled, seed=seed))
     for sol in labelled:
         if is_correct(sol.solution, sol.gold):
             skipped["draft_correct"] += 1
             continue
-        bad = sol.first_negative
-        if bad is None:          # every step can still succeed: the final line is the mistake
-            bad = len(sol.steps)
+        bad = last_positive_prefix(sol)    # all steps solvable: the final line is the mistake
         if bad >= num_scorable_positions(sol.solution):
             skipped["no_final_line"] += 1
             continue
@@ -74,3 +85,40 @@ def local_pairs(labelled: Sequence[LabelledSolution], *, seed: int = 0,
         pairs.append({"question": sol.question, "gold": sol.gold, "draft": sol.solution, "bad_step": bad,
                       "target": prefix_text(sol.steps, bad) + rng.choice(good), "source": source})
     return pairs, skipped
+
+
+def last_positive_prefix(sol: LabelledSolution) -> int:
+    """How many leading steps are still solvable: the first negative step, or all steps if none is."""
+    bad = sol.first_negative
+    return len(sol.steps) if bad is None else bad
+
+
+def rollout_pairs(labelled: Sequence[LabelledSolution], *, seed: int = 0) -> list[dict]:
+    """Local pairs from the rollouts of each solution's last positive prefix: failed -> verified.
+
+    The draft is the prefix plus a failed rollout, marked at its first step
+    after the prefix (index `j`, the prefix's step count); the target is the
+    prefix plus a verified rollout of the same prefix. Duplicate drafts of
+    one question are paired once. A draft with no line at index `j` (an
+    empty or final-line-less rollout) cannot be marked and is left out.
+    """
+    rng = random.Random(seed)
+    pairs, seen = [], set()
+    for sol in labelled:
+        j = last_positive_prefix(sol)
+        if j >= len(sol.rollouts):
+            continue
+        conts, ok = sol.rollouts[j], sol.verified[j]
+        good = sorted({c for c, v in zip(conts, ok) if v})
+        if not good:
+            continue
+        prefix = prefix_text(sol.steps, j)
+        for cont in sorted({c for c, v in zip(conts, ok) if not v}):
+            draft = prefix + cont
+            # A rollout that reached the gold answer but failed the intermediate check is no draft to fix.
+            if (sol.question, draft) in seen or j >= num_scorable_positions(draft) or is_correct(draft, sol.gold):
+                continue
+            seen.add((sol.question, draft))
+            pairs.append({"question": sol.question, "gold": sol.gold, "draft": draft, "bad_step": j,
+                          "target": prefix + rng.choice(good), "source": "rollout"})
+    return pairs

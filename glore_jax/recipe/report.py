@@ -7,38 +7,76 @@ import math
 import os
 from collections.abc import Mapping
 
-ROW_ORDER = ("greedy", "best_of_3", "global", "local", "glore", "oracle", "oracle_any")
-ROW_NAMES = {
-    "greedy": "Greedy draft",
-    "best_of_3": "Best of 3 samples, ORM rerank",
-    "global": "Global refinement, ORM-gated + rerank",
-    "local": "Local refinement (SORM-located), ORM-gated + rerank",
-    "glore": "Global + local, ORM rerank (GLoRe)",
-    "oracle": "Global + local, oracle gating (refine only wrong drafts)",
-    "oracle_any": "Upper bound: draft or any refinement correct",
-}
+def row_names(results: Mapping) -> dict[str, str]:
+    """Row key -> label, in table order; best-of-N and greedy+(N-1) use the configured N."""
+    n = next((int(k.split("_")[-1]) for k in results if k.startswith("best_of_")), 3)
+    return {
+        "greedy": "Greedy draft",
+        f"best_of_{n}": f"Best of {n} samples, ORM rerank",
+        f"greedy_plus_{n - 1}": f"Greedy draft + {n - 1} samples, ORM rerank",
+        "global": "Global refinement, ORM-gated + rerank",
+        "local": "Local refinement (SORM-located), ORM-gated + rerank",
+        "glore": "Global + local, ORM-gated + rerank (GLoRe)",
+        "oracle": "Global + local, oracle gating (refine only wrong drafts)",
+        "oracle_any": "Upper bound: draft or any refinement correct",
+    }
 
 
 def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _p(x) -> str:
+    return "n/a" if x is None else ("<0.001" if x < 1e-3 else f"{x:.3f}")
+
+
 def markdown(report: Mapping) -> str:
     r = report["results"]
+    ci, pv = r.get("ci95", {}), r.get("p_vs_greedy", {})
     lines = [f"# GLoRe report: {report.get('task', '?')} / {report.get('preset', '?')} (seed {report.get('seed')})",
-             "", f"Test questions: {report.get('num_test', '?')}", "",
-             "| method | accuracy |", "| --- | --- |"]
-    lines += [f"| {ROW_NAMES[k]} | {_pct(r.get(k))} |" for k in ROW_ORDER if k in r]
-    lines += ["", "| value model | step accuracy | final-answer accuracy |", "| --- | --- | --- |",
-              f"| ORM | {_pct(r.get('orm_step_accuracy'))} | {_pct(r.get('orm_final_accuracy'))} |",
-              f"| SORM | {_pct(r.get('sorm_step_accuracy'))} | {_pct(r.get('sorm_final_accuracy'))} |",
-              "", "| refiner | wrong drafts fixed | right drafts broken |", "| --- | --- | --- |"]
+             "", f"Test questions: {report.get('num_test', '?')}. Intervals: 95% Wilson; p: exact McNemar "
+             "test against greedy on the same questions.", "",
+             "| method | accuracy | 95% CI | p vs greedy |", "| --- | --- | --- | --- |"]
+    for key, name in row_names(r).items():
+        if key in r:
+            lo_hi = ci.get(key)
+            interval = f"{_pct(lo_hi[0])} to {_pct(lo_hi[1])}" if lo_hi else "n/a"
+            lines.append(f"| {name} | {_pct(r[key])} | {interval} | {_p(pv.get(key)) if key != 'greedy' else ''} |")
+    lines += ["", f"The ORM gate refines drafts whose P(correct) is below {_num(r.get('orm_threshold'))} "
+              f"(calibrated on validation questions): {_pct(r.get('refine_rate'))} of test drafts.", "",
+              "| value model | step AUROC | step balanced acc. | step acc. | final AUROC | final acc. | "
+              "where-accuracy |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m in ("orm", "sorm"):
+        lines.append(f"| {m.upper()} | {_num(r.get(f'{m}_step_auroc'))} | {_pct(r.get(f'{m}_step_balanced_accuracy'))} "
+                     f"| {_pct(r.get(f'{m}_step_accuracy'))} | {_num(r.get(f'{m}_final_auroc'))} | "
+                     f"{_pct(r.get(f'{m}_final_accuracy'))} | {_pct(r.get(f'{m}_where_accuracy'))} |")
+    lines += ["", f"Measured against {report.get('step_truth', 'ground truth')}. Where-accuracy: share of wrong "
+              "samples whose first wrong step the model's locator finds exactly.", "",
+              f"SORM rollout labels against exact truth: precision {_pct(r.get('sorm_label_precision'))}, "
+              f"recall {_pct(r.get('sorm_label_recall'))}.", "",
+              "| refiner | wrong drafts fixed | right drafts broken |", "| --- | --- | --- |"]
     for name in ("global", "local"):
-        lines.append(f"| {name} | {_pct(r.get(f'{name}_fixed_wrong'))} | {_pct(r.get(f'{name}_broke_right'))} |")
-    lines += ["", f"ORM refines {_pct(r.get('refine_rate'))} of drafts. Step accuracy is measured against "
-              f"{report.get('step_truth', 'ground truth')}."]
+        c = r.get(f"{name}_counts", {})
+        lines.append(f"| {name} | {_pct(r.get(f'{name}_fixed_wrong'))} ({c.get('fixed', '?')}/{c.get('wrong_drafts', '?')}) "
+                     f"| {_pct(r.get(f'{name}_broke_right'))} ({c.get('broke', '?')}/{c.get('right_drafts', '?')}) |")
+    if r.get("refine_pairs_by_source"):
+        src = r["refine_pairs_by_source"]
+        lines += ["", "Refinement pairs by source: " + "; ".join(
+            f"{kind}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) for kind, counts in src.items())]
+    ei = report.get("expert_iteration")
+    if ei and ei.get("rounds"):
+        lines += ["", f"Expert Iteration ({ei['rounds']} round(s)): validation greedy accuracy "
+                  f"{_pct(ei['val_greedy_before'])} -> {_pct(ei['val_greedy_after'])}; sample accuracy on train "
+                  f"questions {_pct(ei['sample_accuracy_before'])} -> {_pct(ei['sample_accuracy_after'])}; "
+                  f"{ei['distinct_correct_added']} distinct correct samples added."]
     if report.get("timings"):
-        lines += ["", "Stage wall-clock (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items())]
+        total = sum(report["timings"].values())
+        lines += ["", f"Stage wall-clock (s, total {total:.0f}): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items())]
     return "\n".join(lines) + "\n"
 
 

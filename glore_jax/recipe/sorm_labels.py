@@ -117,6 +117,55 @@ def balance(solutions: Sequence[LabelledSolution], seed: int) -> None:
             solutions[s_idx].labels[p] = -1.0
 
 
+def verify(steps: Sequence[str], gold: str, rollouts: Sequence[Sequence[str]],
+           check_intermediate: bool) -> list[list[bool]]:
+    """verified[j][r]: rollout r of the j-step prefix reaches `gold` (and reuses step j's result if checked)."""
+    verified = []
+    for j, conts in enumerate(rollouts):
+        prefix = prefix_text(steps, j)
+        ok = [is_correct(prefix + c, gold) for c in conts]
+        if check_intermediate and j > 0:
+            value = step_result(steps[j - 1])
+            if value is not None:
+                ok = [o and _mentions(c, value) for o, c in zip(ok, conts)]
+        verified.append(ok)
+    return verified
+
+
+def labels_from_raw(raw: Sequence[bool], solution: str, gold: str) -> list[float]:
+    """Monotone labels, one per scorable position (a sample with no final line has no final position)."""
+    return [float(x) for x in monotone(raw, is_correct(solution, gold))][:num_scorable_positions(solution)]
+
+
+def relabel(sol: LabelledSolution, check_intermediate: bool) -> list[float]:
+    """The unbalanced labels `sol`'s saved rollouts give with the intermediate check on or off."""
+    raw = [any(v) for v in verify(sol.steps, sol.gold, sol.rollouts, check_intermediate)[1:]]
+    return labels_from_raw(raw, sol.solution, sol.gold)
+
+
+def subsample(records: Sequence[dict], n: int, seed: int) -> list[dict]:
+    """n records drawn across questions: one per question in a seeded order, then a second round, ...
+
+    ORM records come grouped by question, so a head slice would label a few
+    questions' samples only; round-robin covers min(n, #questions) questions
+    and keeps each question's mix of right and wrong samples at random.
+    """
+    if not n or n >= len(records):
+        return list(records)
+    rng = random.Random(seed)
+    by_q: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_q[r["question"]].append(r)
+    queues = [rng.sample(group, len(group)) for _, group in sorted(by_q.items())]
+    rng.shuffle(queues)
+    out: list[dict] = []
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop())
+    return out
+
+
 def label_solutions(items: Sequence[tuple[str, str, str]], rollout_fn: RolloutFn,
                     config: LabelConfig) -> list[LabelledSolution]:
     """items: (question, gold, solution). Rolls out every step prefix K times and labels the steps."""
@@ -130,25 +179,12 @@ def label_solutions(items: Sequence[tuple[str, str, str]], rollout_fn: RolloutFn
     for (question, gold, solution), steps in zip(items, steps_of):
         rollouts = flat[cursor:cursor + len(steps) + 1]
         cursor += len(steps) + 1
-        verified = []
-        for j, conts in enumerate(rollouts):
-            prefix = prefix_text(steps, j)
-            ok = [is_correct(prefix + c, gold) for c in conts]
-            if config.check_intermediate and j > 0:
-                value = step_result(steps[j - 1])
-                if value is not None:
-                    ok = [o and _mentions(c, value) for o, c in zip(ok, conts)]
-            verified.append(ok)
+        verified = verify(steps, gold, rollouts, config.check_intermediate)
         raw = [any(v) for v in verified[1:]]       # step i <-> prefix through step i
-        # A sample with no final-answer line has no final position to score.
-        labels = [float(x) for x in monotone(raw, is_correct(solution, gold))][:num_scorable_positions(solution)]
         out.append(LabelledSolution(question=question, gold=gold, solution=solution, steps=steps,
-                                    rollouts=rollouts, verified=verified, raw=raw, labels=labels))
+                                    rollouts=rollouts, verified=verified, raw=raw,
+                                    labels=labels_from_raw(raw, solution, gold)))
     if config.balance:
         balance(out, config.seed)
     return out
 
-
-def orm_labels(solution: str, gold: str) -> list[float]:
-    """ORM targets: every scorable position gets the final answer's correctness."""
-    return [float(is_correct(solution, gold))] * num_scorable_positions(solution)

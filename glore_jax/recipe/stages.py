@@ -19,9 +19,9 @@ from ml_collections import ConfigDict
 
 from glore_jax import prompts, trainer
 from glore_jax.models import ModelConfig
-from glore_jax.recipe import refine_data, sorm_labels, value_eval
+from glore_jax.recipe import inference as inference_lib, refine_data, sorm_labels, value_eval
 from glore_jax.recipe.config import stage_config
-from glore_jax.recipe.inference import InferenceConfig, run_inference
+from glore_jax.recipe.inference import InferenceConfig
 from glore_jax.recipe.scoring import ValueScorer
 from glore_jax.recipe.textgen import TextGenerator
 from glore_jax.recipe.workspace import records_path, sharded
@@ -39,6 +39,7 @@ class Context:
     tokenizer: Tokenizer
     train: list[dict]        # task records {id, question, answer, gold, meta}
     test: list[dict]
+    val: list[dict] = dataclasses.field(default_factory=list)  # carved from the train split; never trained on
 
     @property
     def g(self) -> ConfigDict:
@@ -120,18 +121,40 @@ def refinement_records(ctx: Context, samples: Sequence[dict], labelled: Sequence
     global_pairs = refine_data.global_pairs(groups, max_per_question=ctx.g.global_pairs_per_question,
                                             seed=ctx.config.seed, references=refs)
     local, skipped = refine_data.local_pairs([sorm_labels.LabelledSolution(**r) for r in labelled],
-                                             seed=ctx.config.seed, references=refs)
+                                             seed=ctx.config.seed, references=refs,
+                                             from_rollouts=ctx.g.local_pairs_from_rollouts)
     return global_pairs, local, skipped
 
 
-def inference(ctx: Context, models: dict[str, Model]) -> tuple[dict, list[dict]]:
-    test = ctx.test[:ctx.g.test_questions or None]
-    cfg = InferenceConfig(orm_threshold=ctx.g.orm_threshold, sorm_threshold=ctx.g.sorm_threshold,
-                          best_of=ctx.g.best_of, temperature=ctx.g.temperature)
-    return run_inference([(r["question"], r["gold"]) for r in test], policy=ctx.generator(models["policy"]),
-                         global_refiner=ctx.generator(models["global_refiner"]),
-                         local_refiner=ctx.generator(models["local_refiner"]), orm=ctx.scorer(models["orm"]),
-                         sorm=ctx.scorer(models["sorm"]), config=cfg, seed=ctx.config.seed + 1)
+def inference_rows(ctx: Context, models: dict[str, Model], questions: Sequence[dict], seed: int) -> list[dict]:
+    """Every candidate of `inference.generate` for these questions (validation or test)."""
+    cfg = InferenceConfig(sorm_threshold=ctx.g.sorm_threshold, best_of=ctx.g.best_of, temperature=ctx.g.temperature)
+    return inference_lib.generate([(r["question"], r["gold"]) for r in questions],
+                                  policy=ctx.generator(models["policy"]),
+                                  global_refiner=ctx.generator(models["global_refiner"]),
+                                  local_refiner=ctx.generator(models["local_refiner"]), orm=ctx.scorer(models["orm"]),
+                                  sorm=ctx.scorer(models["sorm"]), config=cfg, seed=seed)
+
+
+def greedy_accuracy(ctx: Context, model: Model, questions: Sequence[dict]) -> float:
+    """The policy's greedy accuracy on these questions (Expert Iteration's before/after, on validation)."""
+    outs = ctx.generator(model).complete([prompts.policy_prompt(ctx.tokenizer, r["question"]) for r in questions])
+    return float(np.mean([is_correct(o[0], r["gold"]) for o, r in zip(outs, questions)])) if questions else 0.0
+
+
+def label_quality(ctx: Context, labelled: Sequence[dict]) -> dict:
+    """Rollout labels against exact step truth (synthetic task only), with the intermediate check on and off.
+
+    Both variants are recomputed from the same saved rollouts, before
+    balancing, so they differ only by the check.
+    """
+    if ctx.config.data.task != "synthetic":
+        return {}
+    by_question = {r["question"]: r for r in ctx.train}
+    sols = [sorm_labels.LabelledSolution(**r) for r in labelled]
+    truths = [value_eval.synthetic_truth(by_question[s.question], s.solution) for s in sols]
+    return {f"check_{name}": value_eval.label_quality([sorm_labels.relabel(s, flag) for s in sols], truths)
+            for name, flag in (("on", True), ("off", False))}
 
 
 def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str) -> tuple[dict, str]:
@@ -154,7 +177,7 @@ def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str) -> 
     out = {}
     for name in ("orm", "sorm"):
         probs = ctx.scorer(models[name]).step_probs(items)
-        out[name] = value_eval.value_accuracy(probs, truths, solutions)
+        out[name] = value_eval.value_accuracy(probs, truths, solutions, threshold=ctx.g.sorm_threshold)
     return out, truth_name
 
 

@@ -7,6 +7,12 @@ problem can still be solved after that position:
   * GSM8K: held-out rollout labels (`sorm_labels.label_solutions`, unbalanced),
     as in the paper.
 A prediction is positive when P(correct) > 0.5.
+
+Accuracy alone flatters a model on skewed data (with most samples wrong, a
+model that always says "wrong" scores high), so the report also gives
+threshold-free AUROC, balanced accuracy, and where-accuracy: on wrong
+samples, how often the step the inference locator picks (`first_bad_step`,
+the rule local refinement uses) is exactly the first wrong step.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from glore_jax.prompts import num_scorable_positions
+from glore_jax.recipe import stats
+from glore_jax.recipe.inference import first_bad_step
 from glore_jax.tasks import first_wrong_step, is_correct, split_steps
 
 
@@ -29,10 +37,43 @@ def synthetic_truth(record: Mapping, solution: str) -> list[float]:
     return (steps + final)[:num_scorable_positions(solution)]
 
 
+def label_quality(labels: Sequence[Sequence[float]], truths: Sequence[Sequence[float]]) -> dict:
+    """Rollout labels against exact truth, position by position (-1 = masked, skipped).
+
+    Positive = "still solvable". precision: P(truth 1 | label 1), the share of
+    steps the labels vouch for that really are right; recall: P(label 1 | truth 1).
+    """
+    tp = fp = fn = tn = 0
+    for lab, tru in zip(labels, truths):
+        for a, b in zip(lab, tru):
+            if a < 0 or b < 0:
+                continue
+            tp += a > 0.5 and b > 0.5
+            fp += a > 0.5 and b <= 0.5
+            fn += a <= 0.5 and b > 0.5
+            tn += a <= 0.5 and b <= 0.5
+    n = tp + fp + fn + tn
+    nan = float("nan")
+    return {"precision": tp / (tp + fp) if tp + fp else nan, "recall": tp / (tp + fn) if tp + fn else nan,
+            "accuracy": (tp + tn) / n if n else nan, "labels": n}
+
+
+def where_accuracy(probs: Sequence[np.ndarray], truths: Sequence[Sequence[float]], threshold: float) -> float:
+    """On wrong solutions (truth has a 0), the share whose first wrong position `first_bad_step` finds exactly."""
+    hits = []
+    for p, y in zip(probs, truths):
+        n = min(len(p), len(y))
+        first = next((i for i in range(n) if y[i] < 0.5), None)
+        if first is not None:
+            hits.append(first_bad_step(np.asarray(p[:n]), threshold) == first)
+    return float(np.mean(hits)) if hits else float("nan")
+
+
 def value_accuracy(probs: Sequence[np.ndarray], truths: Sequence[Sequence[float]],
-                   solutions: Sequence[str], bins: int = 10) -> dict:
-    """Step and final accuracy, accuracy per step index, and calibration bins."""
+                   solutions: Sequence[str], bins: int = 10, threshold: float = 0.5) -> dict:
+    """Step and final accuracy, AUROC and balanced accuracy, where-accuracy, per-index accuracy, calibration."""
     step_hits, final_hits = [], []
+    step_p, step_y, final_p, final_y = [], [], [], []
     per_index: dict[int, list[bool]] = defaultdict(list)
     all_p, all_y = [], []
     for p, y, sol in zip(probs, truths, solutions):
@@ -41,14 +82,18 @@ def value_accuracy(probs: Sequence[np.ndarray], truths: Sequence[Sequence[float]
         for i in range(n):
             if y[i] < 0:
                 continue
-            hit = bool((p[i] > 0.5) == (y[i] > 0.5))
+            hit = bool((p[i] > threshold) == (y[i] > 0.5))
             all_p.append(float(p[i]))
             all_y.append(float(y[i]))
             if i < n_steps:
                 step_hits.append(hit)
                 per_index[i].append(hit)
+                step_p.append(float(p[i]))
+                step_y.append(float(y[i]))
             else:
                 final_hits.append(hit)
+                final_p.append(float(p[i]))
+                final_y.append(float(y[i]))
     edges = np.linspace(0.0, 1.0, bins + 1)
     all_p_arr, all_y_arr = np.asarray(all_p), np.asarray(all_y)
     calibration = []
@@ -60,6 +105,10 @@ def value_accuracy(probs: Sequence[np.ndarray], truths: Sequence[Sequence[float]
     return {
         "step_accuracy": float(np.mean(step_hits)) if step_hits else float("nan"),
         "final_accuracy": float(np.mean(final_hits)) if final_hits else float("nan"),
+        "step_auroc": stats.auroc(step_p, step_y),
+        "step_balanced_accuracy": stats.balanced_accuracy([float(x > threshold) for x in step_p], step_y),
+        "final_auroc": stats.auroc(final_p, final_y),
+        "where_accuracy": where_accuracy(probs, truths, threshold),
         "num_steps": len(step_hits),
         "num_finals": len(final_hits),
         "per_step_accuracy": {str(i): float(np.mean(h)) for i, h in sorted(per_index.items())},

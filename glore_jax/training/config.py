@@ -52,7 +52,8 @@ def base_config() -> ConfigDict:
     c.data.tokenizer_vocab_size = 512   # for the in-process trained tokenizer
     c.data.synthetic = ConfigDict()
     defaults = SyntheticConfig()
-    for name in ("train_size", "test_size", "seed", "min_steps", "max_steps", "max_operand", "max_factor"):
+    for name in ("train_size", "test_size", "seed", "min_steps", "max_steps", "min_operand", "max_operand",
+                 "max_factor", "max_value"):
         setattr(c.data.synthetic, name, getattr(defaults, name))
 
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})

@@ -1,0 +1,95 @@
+"""Several seeds' pipeline runs in one table: each seed, the mean with a t-interval, pooled paired tests.
+
+    python -m glore_jax.recipe.seeds workdir/demo_s0 workdir/demo_s1 workdir/demo_s2 [--out seeds.md]
+
+One seed's test set is a few hundred questions and one trained model of each
+kind, so differences between methods are reported three ways: per seed
+(Wilson interval, McNemar p, in each report.md), as a mean over seeds with a
+Student-t interval (how much a rerun moves), and as one exact McNemar test
+over every (seed, question) pair pooled, for GLoRe against each baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+
+from glore_jax.data.store import RecordsFile
+from glore_jax.recipe import inference, stats
+from glore_jax.recipe.report import row_names
+
+VALUE_KEYS = ("step_auroc", "where_accuracy", "step_balanced_accuracy", "final_auroc")
+
+
+def load(workdir: str) -> tuple[dict, dict[str, list[bool]]]:
+    """A run's report and its per-question outcomes (recomputed from the saved test rows at its threshold)."""
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    rows = list(RecordsFile(os.path.join(workdir, "stages", "inference", "rows.jsonl")))
+    return report, inference.outcomes(rows, report["results"]["orm_threshold"])
+
+
+def aggregate(workdirs: Sequence[str]) -> dict:
+    runs = [load(d) for d in workdirs]
+    reports = [r for r, _ in runs]
+    names = row_names(reports[0]["results"])
+    best_of = next(k for k in names if k.startswith("best_of_"))
+    out: dict = {"seeds": [r["seed"] for r in reports], "num_test": [r["num_test"] for r in reports],
+                 "rows": {}, "value": {}, "pooled_p": {}, "per_seed": [r["results"] for r in reports],
+                 "minutes": [sum(r["timings"].values()) / 60 for r in reports]}
+    for key in names:
+        vals = [r["results"][key] for r in reports]
+        out["rows"][key] = {"per_seed": vals, "mean_ci": stats.mean_ci(vals)}
+    for m in ("orm", "sorm"):
+        for k in VALUE_KEYS:
+            vals = [r["results"][f"{m}_{k}"] for r in reports]
+            out["value"][f"{m}_{k}"] = {"per_seed": vals, "mean_ci": stats.mean_ci(vals)}
+    pooled = {k: [x for _, acc in runs for x in acc[k]] for k in names}
+    for base in ("greedy", best_of, next(k for k in names if k.startswith("greedy_plus_"))):
+        out["pooled_p"][f"glore_vs_{base}"] = stats.mcnemar_exact(pooled[base], pooled["glore"])
+    return out
+
+
+def markdown(agg: dict) -> str:
+    seeds = agg["seeds"]
+    pct = lambda x: f"{100 * x:.1f}"
+    head = "| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean (95% t-CI) |"
+    sep = "| --- " * (len(seeds) + 2) + "|"
+    lines = [f"Test questions per seed: {agg['num_test'][0]}; seeds {', '.join(map(str, seeds))}.", "",
+             head.replace("| |", "| method (accuracy, %) |", 1), sep]
+    names = row_names({k: 0 for k in agg["rows"]})
+    for key, name in names.items():
+        row = agg["rows"][key]
+        mean, lo, hi = row["mean_ci"]
+        lines.append(f"| {name} | " + " | ".join(pct(v) for v in row["per_seed"])
+                     + f" | {pct(mean)} ({pct(lo)} to {pct(hi)}) |")
+    lines += ["", "Pooled exact McNemar over every (seed, question): "
+              + "; ".join(f"{k.replace('_', ' ')} p = {v:.3g}" for k, v in agg["pooled_p"].items()), "",
+              head.replace("| |", "| value model |", 1), sep]
+    for key, v in agg["value"].items():
+        mean, lo, hi = v["mean_ci"]
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(f"{x:.3f}" for x in v["per_seed"])
+                     + f" | {mean:.3f} ({lo:.3f} to {hi:.3f}) |")
+    lines += ["", "Wall-clock minutes per seed: " + ", ".join(f"{m:.1f}" for m in agg["minutes"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdirs", nargs="+")
+    parser.add_argument("--out", default="", help="also write the markdown here (and JSON beside it)")
+    args = parser.parse_args(argv)
+    agg = aggregate(args.workdirs)
+    md = markdown(agg)
+    print(md)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(agg, f, indent=2, default=float)
+
+
+if __name__ == "__main__":
+    main()
