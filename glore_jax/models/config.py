@@ -102,6 +102,9 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=256, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=16, mlp_dim=128),
+    # The demo config's model: ~1M params, so the whole recipe trains in minutes on 2 CPU cores.
+    "mini": ModelConfig(vocab_size=1024, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                        head_dim=32, mlp_dim=384),
     "demo": ModelConfig(vocab_size=1024, embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=2,
                         head_dim=64, mlp_dim=768),
     "llama2_7b": ModelConfig(vocab_size=32_000, embed_dim=4096, num_layers=32, num_heads=32,
