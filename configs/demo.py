@@ -32,9 +32,9 @@ def get_config(stage: str | None = None):
     c.data.synthetic.min_steps = 2
     c.data.synthetic.max_steps = 3
     c.data.synthetic.min_operand = 2
-    c.data.synthetic.max_operand = 30
+    c.data.synthetic.max_operand = 20
     c.data.synthetic.max_factor = 3
-    c.data.synthetic.max_value = 300
+    c.data.synthetic.max_value = 200
     c.train.batch_size = 32
     c.train.warmup_steps = 30
     c.train.weight_decay = 0.01
@@ -42,9 +42,11 @@ def get_config(stage: str | None = None):
     c.train.eval_every = 0
     c.train.eval_batches = 2
     c.train.checkpoint_every = 100
-    add_pipeline(c, {"policy": (500, 3e-3), "ei": (100, 1e-3), "orm": (100, 1e-3), "sorm": (100, 1e-3),
-                     "global_refiner": (100, 1e-3, 256), "local_refiner": (100, 1e-3, 256)},
-                 ei_rounds=1, ei_k=4, ei_from_base=False, orm_k=4, train_questions=256, sorm_solutions=384,
+    # Refiners: 256 train questions gave 166 global pairs, which 100 steps at 1e-3 memorised (the
+    # refiner answered other questions); 2048 questions and a lower rate give ~2 epochs of real pairs.
+    add_pipeline(c, {"policy": (400, 3e-3), "ei": (100, 1e-3), "orm": (100, 1e-3), "sorm": (100, 1e-3),
+                     "global_refiner": (100, 5e-4, 256), "local_refiner": (100, 5e-4, 256)},
+                 ei_rounds=1, ei_k=4, ei_from_base=False, orm_k=4, train_questions=2048, sorm_solutions=384,
                  sorm_k=8, val_questions=200, value_eval_k=2, max_new_tokens=96, max_prompt_len=176,
                  sample_rows=64, shard_size=128)
     return stage_config(locked(c), stage or "policy")
