@@ -44,9 +44,9 @@ def get_config(stage: str | None = None):
     c.train.checkpoint_every = 100
     # Refiners: 256 train questions gave 166 global pairs, which 100 steps at 1e-3 memorised (the
     # refiner answered other questions); 2048 questions and a lower rate give ~2 epochs of real pairs.
-    add_pipeline(c, {"policy": (400, 3e-3), "ei": (100, 1e-3), "orm": (100, 1e-3), "sorm": (100, 1e-3),
+    add_pipeline(c, {"policy": (450, 3e-3), "ei": (100, 1e-3), "orm": (100, 1e-3), "sorm": (100, 1e-3),
                      "global_refiner": (100, 5e-4, 256), "local_refiner": (100, 5e-4, 256)},
-                 ei_rounds=1, ei_k=4, ei_from_base=False, orm_k=4, train_questions=2048, sorm_solutions=384,
-                 sorm_k=8, val_questions=200, value_eval_k=2, max_new_tokens=96, max_prompt_len=176,
+                 ei_rounds=1, ei_k=4, ei_from_base=False, orm_k=4, train_questions=2048, sorm_solutions=768,
+                 sorm_k=8, val_questions=200, value_eval_k=2, max_new_tokens=96, max_prompt_len=224,
                  sample_rows=64, shard_size=128)
     return stage_config(locked(c), stage or "policy")

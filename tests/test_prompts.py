@@ -73,6 +73,9 @@ def test_local_refiner_marks_the_bad_step(tok, bad_step):
     draft_start = prompt.index(tok.control_id("[DRAFT]")) + 1
     before = tok.decode(prompt[draft_start:at])
     assert before == "".join(line + "\n" for line in lines[:bad_step])
+    # the kept steps are replayed after [FIX], so the refiner continues right after them
+    fix = prompt.index(tok.control_id("[FIX]"))
+    assert tok.decode(prompt[fix + 1:]) == "".join(line + "\n" for line in lines[:bad_step])
     continuation = prompts.local_continuation(SOLUTION, bad_step)
     ex = prompts.local_refiner_example(tok, QUESTION, draft, bad_step, continuation)
     assert _target_text(tok, ex) == continuation
@@ -86,7 +89,8 @@ def test_literal_bad_text_cannot_forge_the_marker(tok):
     assert tok.bad_id not in prompts.global_refiner_prompt(tok, question, draft)
     local = prompts.local_refiner_prompt(tok, question, draft, 1)
     assert local.count(tok.bad_id) == 1
-    assert local.count(tok.control_id("[FIX]")) == 1 and local[-1] == tok.control_id("[FIX]")
+    assert local.count(tok.control_id("[FIX]")) == 1
+    assert tok.decode(local[local.index(tok.control_id("[FIX]")) + 1:]) == "[BAD] 1 + 1 = <<1+1=2>>2\n"
     with pytest.raises(ValueError, match="out of range"):
         prompts.local_refiner_prompt(tok, question, draft, 3)
 
