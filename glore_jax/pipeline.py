@@ -42,7 +42,7 @@ def run(config) -> dict:
     import jax
 
     from glore_jax import data, sharding
-    from glore_jax.recipe import inference as inference_lib, report as report_lib, stages as S
+    from glore_jax.recipe import inference as inference_lib, report as report_lib, sorm_labels, stages as S
     from glore_jax.recipe.workspace import Workspace, log, records_path
     from glore_jax.training import config as train_config, inputs
 
@@ -112,7 +112,7 @@ def run(config) -> dict:
     train_stage("orm", "orm", records=os.path.join(orm_dir, "orm_records.jsonl"), init=policy)
 
     def sorm_label_stage(d):
-        samples = S.sorm_labels.subsample(list(data.store.RecordsFile(os.path.join(orm_dir, "orm_records.jsonl"))),
+        samples = sorm_labels.subsample(list(data.store.RecordsFile(os.path.join(orm_dir, "orm_records.jsonl"))),
                                           g.sorm_solutions, seed=config.seed)
         items = [(r["question"], r["gold"], r["solution"]) for r in samples]
         labelled = S.label_by_rollouts(ctx, policy, items, d, balance=g.balance, seed=config.seed)
