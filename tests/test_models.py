@@ -172,7 +172,7 @@ def test_value_head_shape_and_shared_backbone(params):
     cfg_shared, shared = M.value_model_from_policy(TINY, params, jax.random.key(5), share_backbone=True)
     assert cfg_shared.heads == ("lm", "value")
     assert shared["backbone"] is params["backbone"]
-    v = M.value_scores(cfg_shared, shared, tokens)
+    v = M.apply(cfg_shared, shared, tokens, want_logits=False).values
     assert v.shape == (3, 7) and v.dtype == jnp.float32
     out = M.apply(cfg_shared, shared, tokens)
     np.testing.assert_allclose(out.logits, M.policy_logits(TINY, params, tokens), atol=1e-6)
@@ -190,7 +190,7 @@ def test_value_model_with_own_backbone_copy(params):
     assert cfg_v.heads == ("value",) and set(vparams) == {"backbone", "value_head"}
     assert vparams["backbone"]["embedding"] is not params["backbone"]["embedding"]
     np.testing.assert_array_equal(vparams["backbone"]["embedding"], params["backbone"]["embedding"])
-    assert M.value_scores(cfg_v, vparams, _tokens(2, 5)).shape == (2, 5)
+    assert M.apply(cfg_v, vparams, _tokens(2, 5), want_logits=False).values.shape == (2, 5)
     with pytest.raises(ValueError, match="'lm' head"):
         M.policy_logits(cfg_v, vparams, _tokens(2, 5))
 

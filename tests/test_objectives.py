@@ -6,10 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from glore_jax import models, objectives
-from glore_jax.data.formats import PROMPT_FORMATS, RecordFormatter
+from glore_jax import models, objectives, prompts
 from glore_jax.data.labelled import SyntheticLabelled
-from glore_jax.data.store import RecordsFile, check_fields, write_records
+from glore_jax.data.store import RecordsFile, write_records
 from glore_jax.tasks import SyntheticConfig, first_wrong_step, generate_split, split_steps
 from glore_jax.tokenizer import train_tokenizer
 
@@ -88,13 +87,19 @@ def test_synthetic_labelled_records_are_exact_and_format_everywhere(tmp_path):
     assert write_records(path, rows) == len(rows)
     stored = RecordsFile(path)
     assert stored[:] == rows
-    for fmt in PROMPT_FORMATS:
-        check_fields(stored, fmt)
-        example = RecordFormatter(fmt, tok)(stored[0])
-        assert example.loss_mask.sum() > 0 or fmt in ("orm", "sorm")
-    local = RecordFormatter("local_refiner", tok)(stored[0])
+    for name, fmt in prompts.FORMATS.items():
+        fmt.check(stored)
+        example = prompts.Renderer(name, tok)(stored[0])
+        assert example.loss_mask.sum() > 0 or fmt.head == "value"
+        # The prompt a sampler gets is exactly the example's prompt part.
+        assert fmt.prompt(tok, stored[0]) == example.tokens[:example.prompt_len].tolist()
+    local = prompts.Renderer("local_refiner", tok)(stored[0])
     assert tok.bad_id in local.tokens[:local.prompt_len]
-    sorm = RecordFormatter("sorm", tok)(stored[0])
+    sorm = prompts.Renderer("sorm", tok)(stored[0])
     assert list(sorm.step_labels[sorm.step_end_mask > 0]) == stored[0]["step_labels"]
     with pytest.raises(ValueError, match=r"lack fields \['step_labels'\]"):
-        check_fields([{"question": "q", "solution": "s"}], "sorm")
+        prompts.get("sorm").check([{"question": "q", "solution": "s"}])
+    with pytest.raises(KeyError, match=r"needs fields \['draft'\]"):
+        prompts.Renderer("global_refiner", tok)({"question": "q", "target": "t"})
+    with pytest.raises(ValueError, match="valid formats"):
+        prompts.Renderer("no_such_format", tok)

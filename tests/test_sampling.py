@@ -203,3 +203,29 @@ def test_vocab_limit_is_never_exceeded(params):
         assert np.asarray(st.tokens).max() < 100
     free = S.generate(TINY, params, PROMPTS, 16, temperature=2.0, seed=5)
     assert max(max(r) for r in free) >= 100  # without the limit, such ids do come up
+
+
+def test_generator_fixed_shape_chunks_match_one_call_and_report_how_rows_ended(params):
+    """Chunking, truncation counting and the stopped flag of the one generation front door."""
+    eos = S.generate(TINY, params, PROMPTS, 12)[0][4]
+    one_call = S.generate(TINY, params, PROMPTS, 12, eos_id=eos)
+    gen = S.Generator(TINY, params, max_new=12, rows=2, max_prompt_len=16)
+    out = gen.generate(PROMPTS, stop=S.StopCondition(eos_id=eos))
+    assert [row[0].tokens for row in out] == one_call   # greedy: chunks of 2 rows change nothing
+    for row in out:
+        c = row[0]
+        assert c.stopped == (c.tokens[-1] == eos) and len(c.logprobs) == len(c.tokens)
+        assert c.stopped or len(c.tokens) == 12
+    assert gen.truncated == 0
+    short = S.Generator(TINY, params, max_new=4, rows=4, max_prompt_len=8)
+    short.generate(PROMPTS)
+    assert short.truncated == 1                         # the 11-token prompt was cut to 8
+    # K samples per prompt, on an 8-device mesh, equal the same request on one device.
+    mesh = shd.make_mesh((2, 2, 2))
+    strategy = S.SamplingStrategy(temperature=1.0)
+    a = S.Generator(TINY, params, max_new=8, rows=8, max_prompt_len=16).generate(PROMPTS, k=3, strategy=strategy,
+                                                                                 seed=2)
+    b = S.Generator(TINY, M.shard_params(TINY, params, mesh), max_new=8, rows=8, max_prompt_len=16,
+                    mesh=mesh).generate(PROMPTS, k=3, strategy=strategy, seed=2)
+    assert [[c.tokens for c in r] for r in a] == [[c.tokens for c in r] for r in b]
+    assert all(len(r) == 3 for r in a) and len({tuple(c.tokens) for c in a[0]}) > 1

@@ -9,10 +9,10 @@ from glore_jax.data.batching import (BATCH_KEYS, BatchIterator, PipelineConfig, 
                                      shard_for_process)
 from glore_jax.data.records import RECORD_FIELDS, MalformedRecordError, ReadStats, read_gsm8k_jsonl, read_svamp_json
 from glore_jax.data.sources import RecordSource, load, make_builder
-from glore_jax.data.store import FORMAT_FIELDS, RecordsFile, check_fields, write_records
+from glore_jax.data.store import RecordsFile, write_records
 
 __all__ = [
     "BATCH_KEYS", "RECORD_FIELDS", "BatchIterator", "MalformedRecordError", "PipelineConfig", "ReadStats",
     "RecordSource", "collate", "load", "make_builder", "pad_example", "read_gsm8k_jsonl", "read_svamp_json",
-    "shard_for_process", "FORMAT_FIELDS", "RecordsFile", "check_fields", "write_records",
+    "shard_for_process", "RecordsFile", "write_records",
 ]

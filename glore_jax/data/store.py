@@ -7,12 +7,8 @@ mixed types (lists of labels, ints, bools) that a person debugging a stage
 wants to read with `head`; the whole file is loaded into memory, which is
 fine at GSM8K scale (about a hundred thousand records).
 
-Fields, by the prompt format that reads them (extra fields are kept):
-    policy          question, solution        (task records: `answer` stands in for solution)
-    orm             question, solution, correct (bool)  (or gold, graded with tasks.is_correct)
-    sorm            question, solution, step_labels (one float per step and final line; -1 = ignore)
-    global_refiner  question, draft, target   (target: the full corrected solution)
-    local_refiner   question, draft, bad_step (int, a `split_steps` index), target
+Each prompt format names the fields it reads (`glore_jax.prompts.formats`); extra
+fields are kept.
 """
 
 from __future__ import annotations
@@ -21,15 +17,6 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "policy": ("question", "solution"),
-    "orm": ("question", "solution", "correct"),
-    "sorm": ("question", "solution", "step_labels"),
-    "global_refiner": ("question", "draft", "target"),
-    "local_refiner": ("question", "draft", "bad_step", "target"),
-}
-
 
 def write_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
     """Writes records atomically (a reader never sees half a file); returns how many."""
@@ -75,17 +62,3 @@ class RecordsFile(Sequence):
     def __repr__(self) -> str:
         return f"RecordsFile({self.path}, {len(self)} records)"
 
-
-def check_fields(source: Sequence[dict[str, Any]], prompt_format: str, *, name: str = "source") -> None:
-    """Fails early, naming the missing fields, rather than deep inside a Grain worker."""
-    if prompt_format not in FORMAT_FIELDS:
-        raise ValueError(f"unknown prompt format {prompt_format!r}; valid formats: {sorted(FORMAT_FIELDS)}")
-    if len(source) == 0:
-        raise ValueError(f"{name} is empty")
-    record = source[0]
-    aliases = {"solution": ("answer",), "correct": ("gold",)}
-    missing = [f for f in FORMAT_FIELDS[prompt_format]
-               if f not in record and not any(a in record for a in aliases.get(f, ()))]
-    if missing:
-        raise ValueError(f"{name} records lack fields {missing} needed by prompt format {prompt_format!r}; "
-                         f"record 0 has {sorted(record)}")

@@ -36,15 +36,6 @@ def policy_logits(config: ModelConfig, params: Params, tokens: jax.Array) -> jax
     return apply(config, params, tokens, want_values=False).logits
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def value_scores(config: ModelConfig, params: Params, tokens: jax.Array,
-                 positions: jax.Array | None = None) -> jax.Array:
-    """Float32 value logits [B, T]: sigmoid gives P(final answer correct | prefix up to t)."""
-    if "value" not in config.heads:
-        raise ValueError(f"value_scores needs a 'value' head; config.heads={config.heads}")
-    return apply(config, params, tokens, positions, want_logits=False).values
-
-
 def make_forward(config: ModelConfig, mesh: Mesh, rules: Sequence[tuple[str, Any]] = shd.LOGICAL_RULES,
                  *, want_values: bool = False):
     """A `jax.jit` forward with explicit in/out shardings on `mesh`.

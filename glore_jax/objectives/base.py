@@ -1,4 +1,4 @@
-"""What an objective is: a loss over a batch, the heads it trains and the data formats it reads.
+"""What an objective is: a loss over a batch, the heads it trains, and its default prompt format.
 
 Losses return *sums*, not means. A metric is a `(sum, count)` pair; the
 trainer adds pairs across micro-batches (and XLA across data-parallel
@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from glore_jax import prompts
 from glore_jax.models import ModelConfig
 
 Batch = dict[str, jax.Array]
@@ -34,21 +35,16 @@ class Objective:
     name: str
     loss_fn: LossFn
     heads: tuple[str, ...]               # model heads the loss reads: ('lm',) or ('value',)
-    prompt_formats: tuple[str, ...]      # data formats it accepts; the first is the default
-    prepare_batch: PrepareFn | None = None
-
-    def __post_init__(self):
-        if not self.prompt_formats:
-            raise ValueError(f"objective {self.name!r} must accept at least one prompt format")
+    default_format: str                  # a `glore_jax.prompts` format; any format training these heads works
 
     def check_format(self, prompt_format: str) -> str:
         """The format to use ('' means the default), or an error naming the valid ones."""
-        if not prompt_format:
-            return self.prompt_formats[0]
-        if prompt_format not in self.prompt_formats:
-            raise ValueError(f"objective {self.name!r} cannot train on prompt format {prompt_format!r}; "
-                             f"valid formats: {list(self.prompt_formats)}")
-        return prompt_format
+        name = prompt_format or self.default_format
+        if prompts.get(name).head not in self.heads:
+            valid = sorted(n for n, f in prompts.FORMATS.items() if f.head in self.heads)
+            raise ValueError(f"objective {self.name!r} cannot train on prompt format {name!r} (it trains the "
+                             f"{prompts.get(name).head!r} head); valid formats: {valid}")
+        return name
 
 
 def pair(total: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -27,5 +27,4 @@ def sft_loss(params, batch: Batch, rng: jax.Array, config: models.ModelConfig) -
     return loss_sum, {"loss": pair(loss_sum, weight), "token_accuracy": pair(correct, weight)}
 
 
-SFT = Objective(name="sft", loss_fn=sft_loss, heads=("lm",),
-                prompt_formats=("policy", "global_refiner", "local_refiner"))
+SFT = Objective(name="sft", loss_fn=sft_loss, heads=("lm",), default_format="policy")

@@ -38,5 +38,5 @@ def value_loss(params, batch: Batch, rng: jax.Array, config: models.ModelConfig)
                       "positive_rate": pair(jnp.sum(jnp.where(valid, target, 0.0)), weight)}
 
 
-ORM = Objective(name="orm", loss_fn=value_loss, heads=("value",), prompt_formats=("orm",))
-SORM = Objective(name="sorm", loss_fn=value_loss, heads=("value",), prompt_formats=("sorm",))
+ORM = Objective(name="orm", loss_fn=value_loss, heads=("value",), default_format="orm")
+SORM = Objective(name="sorm", loss_fn=value_loss, heads=("value",), default_format="sorm")

@@ -27,8 +27,8 @@ import numpy as np
 
 from glore_jax import prompts
 from glore_jax.recipe import stats
-from glore_jax.recipe.scoring import ValueScorer
-from glore_jax.recipe.textgen import TextGenerator
+from glore_jax.sampling import Generator
+from glore_jax.scoring import ValueScorer
 from glore_jax.tasks import is_correct
 
 
@@ -52,27 +52,28 @@ def first_bad_step(step_probs: np.ndarray, threshold: float) -> int:
     return int(below[0]) if len(below) else int(np.argmin(step_probs))
 
 
-def generate(items: Sequence[tuple[str, str]], *, policy: TextGenerator, global_refiner: TextGenerator,
-             local_refiner: TextGenerator, orm: ValueScorer, sorm: ValueScorer, config: InferenceConfig,
+def generate(items: Sequence[tuple[str, str]], *, policy: Generator, global_refiner: Generator,
+             local_refiner: Generator, orm: ValueScorer, sorm: ValueScorer, config: InferenceConfig,
              seed: int = 0) -> list[dict]:
     """items: (question, gold). One row per question with every candidate, its ORM score and correctness."""
     tok = policy.tokenizer
     questions = [q for q, _ in items]
-    drafts = [c[0] for c in policy.complete([prompts.policy_prompt(tok, q) for q in questions])]
-    samples = policy.complete([prompts.policy_prompt(tok, q) for q in questions], k=config.best_of,
-                              temperature=config.temperature, seed=seed)
+    policy_prompts = [prompts.get("policy").prompt(tok, {"question": q}) for q in questions]
+    drafts = [c[0] for c in policy.complete(policy_prompts)]
+    samples = policy.complete(policy_prompts, k=config.best_of, temperature=config.temperature, seed=seed)
 
     sorm_steps = sorm.step_probs(list(zip(questions, drafts)))
     bad_steps = [min(first_bad_step(p, config.sorm_threshold), prompts.num_scorable_positions(d) - 1)
                  for p, d in zip(sorm_steps, drafts)]
     global_out = [c[0] for c in global_refiner.complete(
-        [prompts.global_refiner_prompt(tok, q, d) for q, d in zip(questions, drafts)])]
+        [prompts.get("global_refiner").prompt(tok, {"question": q, "draft": d}) for q, d in zip(questions, drafts)])]
     local_prompts, local_ok = [], []
-    for q, d, b in zip(questions, drafts, bad_steps):
+    for i, (q, d, b) in enumerate(zip(questions, drafts, bad_steps)):
         ok = prompts.num_scorable_positions(d) > 0
         local_ok.append(ok)
         # A draft with no recognisable lines cannot be marked; its local refinement is a fresh solution.
-        local_prompts.append(prompts.local_refiner_prompt(tok, q, d, b) if ok else prompts.policy_prompt(tok, q))
+        local_prompts.append(prompts.get("local_refiner").prompt(tok, {"question": q, "draft": d, "bad_step": b})
+                             if ok else policy_prompts[i])
     local_cont = [c[0] for c in local_refiner.complete(local_prompts)]
     local_out = [prompts.splice_local(d, b, c) if ok else c
                  for d, b, c, ok in zip(drafts, bad_steps, local_cont, local_ok)]

@@ -22,10 +22,9 @@ from glore_jax.models import ModelConfig
 from glore_jax.recipe import inference as inference_lib, refine_data, sorm_labels, value_eval
 from glore_jax.recipe.config import stage_config
 from glore_jax.recipe.inference import InferenceConfig
-from glore_jax.recipe.scoring import ValueScorer
-from glore_jax.recipe.textgen import TextGenerator
 from glore_jax.recipe.workspace import records_path, sharded
-from glore_jax.sampling import sampler_for
+from glore_jax.sampling import Generator
+from glore_jax.scoring import ValueScorer
 from glore_jax.tasks import is_correct
 from glore_jax.tokenizer import Tokenizer
 
@@ -45,16 +44,19 @@ class Context:
     def g(self) -> ConfigDict:
         return self.config.glore
 
-    def generator(self, model: Model) -> TextGenerator:
+    def generator(self, model: Model) -> Generator:
         cfg, params = model
-        sampler = sampler_for(cfg, self.mesh, self.tokenizer.pad_id, self.tokenizer.vocab_size)
-        return TextGenerator(cfg, params, self.tokenizer, sampler,
-                             max_prompt_len=self.g.max_prompt_len, max_new=self.g.max_new_tokens,
-                             rows=self.g.sample_rows)
+        return Generator(cfg, params, max_new=self.g.max_new_tokens, mesh=self.mesh, pad_id=self.tokenizer.pad_id,
+                         vocab_limit=self.tokenizer.vocab_size, rows=self.g.sample_rows,
+                         max_prompt_len=self.g.max_prompt_len, tokenizer=self.tokenizer)
 
     def scorer(self, model: Model) -> ValueScorer:
         cfg, params = model
-        return ValueScorer(cfg, params, self.tokenizer, max_len=self.config.data.max_len, rows=self.g.sample_rows)
+        return ValueScorer(cfg, params, self.tokenizer, max_len=self.config.data.max_len, rows=self.g.sample_rows,
+                           mesh=self.mesh)
+
+    def policy_prompts(self, questions: Sequence[str]) -> list[list[int]]:
+        return [prompts.get("policy").prompt(self.tokenizer, {"question": q}) for q in questions]
 
     def train_model(self, stage: str, workdir: str, *, records: str | None = None,
                     init: Model | None = None) -> Model:
@@ -72,7 +74,7 @@ def sample_solutions(ctx: Context, policy: Model, questions: Sequence[dict], k: 
     gen = ctx.generator(policy)
 
     def shard(chunk, index):
-        outs = gen.complete([prompts.policy_prompt(ctx.tokenizer, r["question"]) for r in chunk], k=k,
+        outs = gen.complete(ctx.policy_prompts([r["question"] for r in chunk]), k=k,
                             temperature=ctx.g.temperature, seed=seed * 10_007 + index)
         return [{"id": r["id"], "question": r["question"], "gold": r["gold"], "solutions": sols,
                  "correct": [is_correct(s, r["gold"]) for s in sols]} for r, sols in zip(chunk, outs)]
@@ -105,7 +107,7 @@ def label_by_rollouts(ctx: Context, policy: Model, items: Sequence[tuple[str, st
 
     def shard(chunk, index):
         def rollout_fn(queries, k):
-            ids = [prompts.policy_prompt(tok, q) + tok.encode(prefix) for q, prefix in queries]
+            ids = [p + tok.encode(prefix) for p, (_, prefix) in zip(ctx.policy_prompts([q for q, _ in queries]), queries)]
             return gen.complete(ids, k=k, temperature=ctx.g.temperature, seed=seed * 10_007 + index)
         return [s.to_record() for s in sorm_labels.label_solutions(chunk, rollout_fn, label_cfg)]
     records = sharded(stage_dir, items, shard, max(1, ctx.g.shard_size // 4), label="rollouts")
@@ -138,7 +140,7 @@ def inference_rows(ctx: Context, models: dict[str, Model], questions: Sequence[d
 
 def greedy_accuracy(ctx: Context, model: Model, questions: Sequence[dict]) -> float:
     """The policy's greedy accuracy on these questions (Expert Iteration's before/after, on validation)."""
-    outs = ctx.generator(model).complete([prompts.policy_prompt(ctx.tokenizer, r["question"]) for r in questions])
+    outs = ctx.generator(model).complete(ctx.policy_prompts([r["question"] for r in questions]))
     return float(np.mean([is_correct(o[0], r["gold"]) for o, r in zip(outs, questions)])) if questions else 0.0
 
 

@@ -18,10 +18,9 @@ from typing import Any
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from glore_jax import data
-from glore_jax.data.formats import RecordFormatter
+from glore_jax import data, prompts
 from glore_jax.data.labelled import SyntheticLabelled
-from glore_jax.data.store import RecordsFile, check_fields
+from glore_jax.data.store import RecordsFile
 from glore_jax.tokenizer import Tokenizer, train_tokenizer
 from glore_jax.training.config import synthetic_config
 
@@ -70,14 +69,14 @@ def resolve_source(config: ConfigDict, prompt_format: str, records: Source | str
         source = RecordsFile(records_path)
     elif split:
         source = task_split(config, split)
-        if prompt_format != "policy":
+        if not prompts.get(prompt_format).task_records:
             if config.data.task != "synthetic":
                 raise ValueError(f"prompt format {prompt_format!r} needs labelled records for task "
                                  f"{config.data.task!r}: set data.records (or pass records=...)")
             source = SyntheticLabelled(source, seed=config.seed)
     else:
         return None
-    check_fields(source, prompt_format, name=getattr(source, "name", None) or type(source).__name__)
+    prompts.get(prompt_format).check(source, name=getattr(source, "name", None) or type(source).__name__)
     return source
 
 
@@ -85,5 +84,5 @@ def batches(config: ConfigDict, source: Source, prompt_format: str, tokenizer: T
             shuffle: bool = True, num_epochs: int | None = None) -> data.BatchIterator:
     pipeline = data.PipelineConfig(global_batch_size=config.train.batch_size, max_len=config.data.max_len,
                                    seed=config.seed, shuffle=shuffle, num_epochs=num_epochs)
-    return data.BatchIterator(source, RecordFormatter(prompt_format, tokenizer), pipeline, mesh,
+    return data.BatchIterator(source, prompts.Renderer(prompt_format, tokenizer), pipeline, mesh,
                               pad_id=tokenizer.pad_id)

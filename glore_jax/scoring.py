@@ -1,8 +1,10 @@
-"""Value-model scores at each step end: how the ORM and SORM read a solution.
+"""The one value-scoring API: P(final answer correct) at each step end, on any mesh.
 
 A solution is scored at its scorable positions (the last token of each step
 and of the final-answer line, see `prompts.value_example`), in fixed-shape
-jitted batches. sigmoid(value) is P(the answer will be correct | prefix).
+batches through `models.make_forward`, so params and rows are sharded by the
+rules table like every other compiled function. sigmoid(value) is
+P(the answer will be correct | prefix).
 """
 
 from __future__ import annotations
@@ -12,19 +14,20 @@ import functools
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from glore_jax import sharding as shd
 from glore_jax.data.batching import collate
-from glore_jax.models import ModelConfig, apply
+from glore_jax.models import ModelConfig, make_forward
 from glore_jax.prompts import value_example
 from glore_jax.tokenizer import Tokenizer
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _probs(config: ModelConfig, params, tokens, positions, segment_ids):
-    values = apply(config, params, tokens, positions, segment_ids, want_logits=False).values
-    return jax.nn.sigmoid(values)
+@functools.lru_cache(maxsize=16)
+def _forward(config: ModelConfig, mesh: Mesh):
+    # One compiled program per (config, mesh), whatever the number of scorers built.
+    return make_forward(config, mesh, want_values=True)
 
 
 @dataclasses.dataclass
@@ -34,7 +37,19 @@ class ValueScorer:
     tokenizer: Tokenizer
     max_len: int
     rows: int = 32
+    mesh: Mesh | None = None
     truncated: int = 0
+
+    def __post_init__(self):
+        if "value" not in self.config.heads:
+            raise ValueError(f"ValueScorer needs a 'value' head; config.heads={self.config.heads}")
+        self.mesh = self.mesh if self.mesh is not None else shd.single_device_mesh()
+        m = int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        self.rows = max(m, -(-self.rows // m) * m)
+
+    def values(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Raw value logits [B, T] of rows whose padding has position -1 (never attended to)."""
+        return np.asarray(_forward(self.config, self.mesh)(self.params, tokens, positions))
 
     def step_probs(self, items: Sequence[tuple[str, str]]) -> list[np.ndarray]:
         """(question, solution) -> P(correct) at each scorable position (steps, then the final line).
@@ -51,8 +66,8 @@ class ValueScorer:
             self.truncated += stats["target_truncated"]
             # Fixed [rows, max_len] shapes: one compiled program for the whole stage.
             batch = {k: np.pad(v, [(0, self.rows - len(chunk)), (0, 0)]) for k, v in batch.items()}
-            probs = np.asarray(_probs(self.config, self.params, jnp.asarray(batch["tokens"]),
-                                      jnp.asarray(batch["positions"]), jnp.asarray(batch["segment_ids"])))
+            positions = np.where(batch["segment_ids"] > 0, batch["positions"], -1).astype(np.int32)
+            probs = np.asarray(jax.nn.sigmoid(self.values(batch["tokens"], positions)))
             mask = batch["step_end_mask"] > 0
             out.extend(probs[i][mask[i]] for i in range(len(chunk)))
         return out

@@ -1,22 +1,7 @@
-"""Every prompt format of glore_jax, for training and for inference.
+"""What every prompt format is made of: the `Example` layout, its masks, and the truncation rule.
 
-One module so the trainer and the sampler cannot disagree about a format.
-Layouts (`<x>` are control tokens, see `glore_jax.tokenizer`):
-
-    policy         <bos> question <SOL> | solution <eos>
-    value          <bos> question <SOL> | solution <eos>      (read at step ends)
-    global refiner <bos> question <DRAFT> draft <FIX> | solution <eos>
-    local refiner  <bos> question <DRAFT> draft[:i] <BAD> draft[i:] <FIX> draft[:i] | continuation <eos>
-
-Left of `|` is the prompt (what the sampler is given: `*_prompt`), right is
-the target (`*_example` adds it, with its loss mask). In the local format,
-`continuation` is the corrected solution from the first wrong step `i`
-onward; `splice_local` turns the sampled continuation back into a full
-solution. The kept steps `draft[:i]` are replayed after <FIX> (prompt, no
-loss) so the refiner continues a solution exactly where the policy would,
-with the marked draft as extra context: without them a small refiner had to
-find the marker and count steps to know which operation came next, and it
-mostly repeated or skipped one (demo: 91% of right drafts broken).
+The formats themselves (which tokens form the prompt and which the target)
+are entries of the registry in `glore_jax.prompts.formats`.
 
 Masks are aligned with `tokens`: `loss_mask[t] = 1` means token t is a target
 (predicted from position t-1), so a trainer uses logits[:, :-1] against
@@ -63,7 +48,7 @@ class FitResult:
     target_truncated: bool
 
 
-def _solution_tokens(tok: Tokenizer, solution: str) -> tuple[list[int], list[int]]:
+def solution_tokens(tok: Tokenizer, solution: str) -> tuple[list[int], list[int]]:
     """Ids of a solution and the index of the last token of each step and of the final line."""
     ids, spans = tok.encode_with_offsets(solution)
     ends = []
@@ -76,7 +61,7 @@ def _solution_tokens(tok: Tokenizer, solution: str) -> tuple[list[int], list[int
     return ids, ends
 
 
-def _example(prompt: list[int], target: list[int], *, step_ends: Sequence[int] = (),
+def make_example(prompt: list[int], target: list[int], *, step_ends: Sequence[int] = (),
              labels: Sequence[float] | None = None, loss: bool = True) -> Example:
     n = len(prompt) + len(target)
     tokens = np.asarray(prompt + target, dtype=np.int32)
@@ -96,52 +81,13 @@ def _example(prompt: list[int], target: list[int], *, step_ends: Sequence[int] =
                    step_labels=step_labels, prompt_len=len(prompt))
 
 
-# ---- policy --------------------------------------------------------------------------------------
-
-def policy_prompt(tok: Tokenizer, question: str) -> list[int]:
-    """[P] ids the policy samples a solution after."""
-    return [tok.bos_id] + tok.encode(question) + [tok.control_id("[SOL]")]
-
-
-def policy_example(tok: Tokenizer, question: str, solution: str) -> Example:
-    """SFT example: loss on the solution tokens and EOS only."""
-    return _example(policy_prompt(tok, question), tok.encode(solution) + [tok.eos_id])
-
-
-# ---- value model (ORM / SORM) --------------------------------------------------------------------
-
-def value_example(tok: Tokenizer, question: str, solution: str,
-                  labels: Sequence[float] | None = None) -> Example:
-    """Question + solution with `step_end_mask` at each step's and the final line's last token.
-
-    `labels` (one per scorable position, in order; e.g. ORM: the outcome
-    repeated, SORM: per-step rollout estimates) fill `step_labels`; leave it
-    None to score. `loss_mask` marks the solution tokens in case a trainer
-    adds an auxiliary LM loss; value losses use `step_end_mask`.
-    """
-    ids, ends = _solution_tokens(tok, solution)
-    return _example(policy_prompt(tok, question), ids + [tok.eos_id], step_ends=ends, labels=labels)
-
+# ---- shared pieces of the formats ---------------------------------------------------------------
 
 def num_scorable_positions(solution: str) -> int:
-    """How many labels `value_example` expects: steps, plus 1 if there is a final-answer line."""
+    """How many step labels a value format expects: steps, plus 1 if there is a final-answer line."""
     lines = solution_lines(solution)
     return len(lines.steps) + (lines.final is not None)
 
-
-# ---- global refiner ------------------------------------------------------------------------------
-
-def global_refiner_prompt(tok: Tokenizer, question: str, draft: str) -> list[int]:
-    return ([tok.bos_id] + tok.encode(question) + [tok.control_id("[DRAFT]")] + tok.encode(draft)
-            + [tok.control_id("[FIX]")])
-
-
-def global_refiner_example(tok: Tokenizer, question: str, draft: str, solution: str) -> Example:
-    """Loss on the refined solution (and EOS) only."""
-    return _example(global_refiner_prompt(tok, question, draft), tok.encode(solution) + [tok.eos_id])
-
-
-# ---- local refiner -------------------------------------------------------------------------------
 
 def mark_bad_step(tok: Tokenizer, draft: str, bad_step: int) -> list[int]:
     """Ids of `draft` with the `[BAD]` control token inserted before line `bad_step`.
@@ -158,19 +104,6 @@ def mark_bad_step(tok: Tokenizer, draft: str, bad_step: int) -> list[int]:
     # Insert before the first token that reaches into the marked line.
     cut = next((k for k, (_, end) in enumerate(spans) if end > line_start), len(ids))
     return ids[:cut] + [tok.bad_id] + ids[cut:]
-
-
-def local_refiner_prompt(tok: Tokenizer, question: str, draft: str, bad_step: int) -> list[int]:
-    kept = "".join(step + "\n" for step in solution_lines(draft).steps[:bad_step])
-    return ([tok.bos_id] + tok.encode(question) + [tok.control_id("[DRAFT]")]
-            + mark_bad_step(tok, draft, bad_step) + [tok.control_id("[FIX]")] + (tok.encode(kept) if kept else []))
-
-
-def local_refiner_example(tok: Tokenizer, question: str, draft: str, bad_step: int,
-                          continuation: str) -> Example:
-    """Loss on `continuation` (the corrected steps from `bad_step` on, and the final line) and EOS."""
-    return _example(local_refiner_prompt(tok, question, draft, bad_step),
-                    tok.encode(continuation) + [tok.eos_id])
 
 
 def local_continuation(solution: str, bad_step: int) -> str:
