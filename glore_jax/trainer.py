@@ -4,115 +4,142 @@
     model_config, params = trainer.train(config, objective="sorm", records=labelled, init_from=policy_dir,
                                          workdir=f"{root}/sorm")
 
-A job lives in its workdir (see `training.checkpoints`). Calling `train` on
-a workdir with checkpoints resumes from the latest one, data order included;
-on a finished workdir it loads and returns the final model without training.
-SIGTERM (preemption) saves at the current step and raises `Preempted`; a
-non-finite loss raises `NonFiniteLoss` and leaves the last good checkpoint
-as the latest one.
+One batch's path: an experience source (`training.experience`: a dataset, or
+an on-policy sampler that reads the current params) hands over a batch; the
+jitted step (`training.state`) takes the objective's loss and its gradient
+and updates the `TrainState`; the session logs metrics, runs the evaluators,
+and saves the state with the source's position (`training.checkpoints`).
+
+A job lives in its workdir. Calling `train` on a workdir with checkpoints
+resumes from the latest one, data order included; on a finished workdir it
+loads and returns the final model without training. SIGTERM (preemption)
+saves at the current step and raises `Preempted`; a non-finite loss raises
+`NonFiniteLoss` and leaves the last good checkpoint as the latest one.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
-import signal
-import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from glore_jax import models, objectives, sharding
+from glore_jax import data, models, objectives, sharding
 from glore_jax.models import ModelConfig, checkpoints as model_checkpoints
 from glore_jax.objectives import Objective
-from glore_jax.training import config as train_config, inputs, metrics as metrics_lib, state as state_lib
+from glore_jax.tokenizer import Tokenizer
+from glore_jax.training import config as train_config, inputs, state as state_lib
 from glore_jax.training.checkpoints import MODEL_DIR, Checkpoints, adapt_heads, grow_vocab, load_init
+from glore_jax.training.config import Experiment
+from glore_jax.training.evals import Evaluator, LossEval
+from glore_jax.training.experience import ExperienceSource, OfflineSource, device_arrays
+from glore_jax.training.session import DONE_FILE, NonFiniteLoss, Preempted, Session
 
-DONE_FILE = "train_done.json"
+__all__ = ["DONE_FILE", "NonFiniteLoss", "Preempted", "Run", "train"]
 Params = Any
 
 
-class Preempted(Exception):
-    """Training stopped on SIGTERM after saving a checkpoint at `step`; rerun to resume."""
+@dataclasses.dataclass
+class Run:
+    """What a job's parts are built from: its typed config, objective, mesh, tokenizer, model and data."""
 
-    def __init__(self, step: int):
-        super().__init__(f"preempted: saved a checkpoint at step {step}; rerun with the same workdir to resume")
-        self.step = step
+    exp: Experiment
+    objective: Objective
+    prompt_format: str
+    mesh: Mesh
+    tokenizer: Tokenizer
+    model: ModelConfig
+    records: inputs.Source
+    eval_records: inputs.Source | None
 
+    def pipeline(self, *, shuffle: bool = True) -> data.PipelineConfig:
+        return data.PipelineConfig(global_batch_size=self.exp.train.batch_size, max_len=self.exp.data.max_len,
+                                   seed=self.exp.seed, shuffle=shuffle)
 
-class NonFiniteLoss(FloatingPointError):
-    """A step produced a NaN/Inf loss or gradient; its update was discarded and nothing was saved."""
-
-
-class _StopSignal:
-    """Turns SIGTERM into a flag the loop polls; multi-host runs agree on the step through JAX."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            # Each host gets SIGTERM at a different step; JAX's preemption
-            # service picks one step at which all hosts save together.
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    def offline(self) -> OfflineSource:
+        """The default source: `records` formatted, shuffled each epoch, resumable."""
+        return OfflineSource(inputs.batches(self.records, self.prompt_format, self.tokenizer, self.mesh,
+                                            self.pipeline()))
 
 
-def _abstract_state(model: ModelConfig, tx) -> state_lib.TrainState:
-    params = nn.unbox(models.abstract_params(model))
-    return state_lib.TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
-        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
+def _experiment(config: ConfigDict | Experiment, objective: str | None, workdir: str | None,
+                init_from: str | None) -> Experiment:
+    """The typed config with the call's overrides applied (on the ConfigDict, so config.json shows them)."""
+    if isinstance(config, Experiment):
+        changes = {k: v for k, v in (("objective", objective), ("workdir", workdir and os.path.abspath(workdir)),
+                                     ("init_from", init_from)) if v is not None}
+        return config.replace(**changes)
+    config = copy.deepcopy(config)
+    for key, value in (("objective", objective), ("workdir", workdir), ("init_from", init_from)):
+        if value is not None:
+            config[key] = value
+    return train_config.experiment(config)
 
 
-def _initial_model(config: ConfigDict, objective: Objective, tokenizer_vocab: int, mesh: Mesh,
+def _initial_model(exp: Experiment, objective: Objective, tokenizer_vocab: int, mesh: Mesh,
                    init_params: tuple[ModelConfig, Params] | None) -> tuple[ModelConfig, Params]:
-    rng = jax.random.key(config.seed)
-    if init_params is None and not config.init_from:
-        model = train_config.model_config(config, tokenizer_vocab).replace(heads=objective.heads)
+    """The job's starting point; deterministic, so frozen trees can be derived from it again on resume."""
+    rng = jax.random.key(exp.seed)
+    if init_params is None and not exp.init_from:
+        model = exp.model.build(tokenizer_vocab).replace(heads=objective.heads)
         return model, models.init_params(model, rng, mesh)
     if init_params is not None:
         model, params = init_params[0], models.shard_params(init_params[0], init_params[1], mesh)
     else:
-        model, params = load_init(config.init_from, mesh)
+        model, params = load_init(exp.init_from, mesh)
     model, params = adapt_heads(model, params, objective.heads, jax.random.fold_in(rng, 1), mesh)
     model, params = grow_vocab(model, params, tokenizer_vocab, mesh)
     # Compute-only knobs may change; shape knobs belong to the checkpoint.
-    compute = {k: config.model[k] for k in train_config.COMPUTE_OVERRIDES if config.model[k] is not None}
-    model = model.replace(**compute) if compute else model
-    return model, params
+    compute = exp.model.compute()
+    return (model.replace(**compute) if compute else model), params
 
 
-def _evaluate(eval_step, params, eval_batches: Sequence[dict]) -> dict[str, float]:
-    total = None
-    for batch in eval_batches:
-        m = eval_step(params, batch)
-        total = m if total is None else jax.tree_util.tree_map(jnp.add, total, m)
-    return {f"eval_{k}": float(v) for k, v in objectives.finalize(jax.device_get(total)).items()}
+def _abstract_state(model: ModelConfig, tx, frozen: tuple[str, ...]) -> state_lib.TrainState:
+    params = nn.unbox(models.abstract_params(model))
+    return state_lib.TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
+        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))), frozen={k: params for k in frozen})
 
 
-def train(config: ConfigDict, *, objective: str | Objective | None = None,
+def _start(exp: Experiment, obj: Objective, mesh: Mesh, tokenizer: Tokenizer, tx,
+           init_params) -> tuple[ModelConfig, state_lib.TrainState, dict | None]:
+    """(model, state, source state): from the latest checkpoint, or fresh from the initial model."""
+    frozen_names = tuple(spec.name for spec in obj.frozen)
+    derive = lambda params: {s.name: s.derive(params) for s in obj.frozen}  # noqa: E731
+    ckpts = Checkpoints(exp.workdir, max_to_keep=exp.train.max_to_keep)
+    latest = ckpts.latest_step()
+    if latest is None:
+        ckpts.close()
+        model, params = _initial_model(exp, obj, tokenizer.vocab_size, mesh, init_params)
+        shardings = state_lib.state_shardings(model, tx, mesh, frozen_names)
+        return model, state_lib.init_state(params, tx, exp.seed, shardings, derive(params)), None
+    info = ckpts.restore_info(latest)
+    model = ModelConfig.from_dict(info["model_config"])
+    shardings = state_lib.state_shardings(model, tx, mesh, frozen_names)
+    state, data_state, _ = ckpts.restore(latest, _abstract_state(model, tx, frozen_names), shardings)
+    ckpts.close()
+    missing = [n for n in frozen_names if n not in state.frozen]
+    if missing:  # not saved: derive them again from the (reproducible) initial params
+        initial = derive(_initial_model(exp, obj, tokenizer.vocab_size, mesh, init_params)[1])
+        state = state.replace(frozen={**state.frozen, **state_lib.put_frozen(
+            {n: initial[n] for n in missing}, shardings)})
+    logging.info("resuming %s from step %d", exp.workdir, latest)
+    return model, state, data_state
+
+
+def train(config: ConfigDict | Experiment, *, objective: str | Objective | None = None,
           records: Sequence[dict] | str | None = None, eval_records: Sequence[dict] | str | None = None,
+          source: Callable[[Run], ExperienceSource] | None = None,
+          evaluators: Sequence[Callable[[Run], Evaluator]] = (),
           init_params: tuple[ModelConfig, Params] | None = None, init_from: str | None = None,
           workdir: str | None = None, mesh: Mesh | None = None) -> tuple[ModelConfig, Params]:
     """Runs (or resumes, or skips if finished) one training job; returns the final (model config, params).
@@ -120,134 +147,74 @@ def train(config: ConfigDict, *, objective: str | Objective | None = None,
     objective: a registered name (default `config.objective`) or an `Objective` instance.
     records / eval_records: the training / eval data as an in-memory list of record dicts or the path
         of a records file (`glore_jax.data.store`); default: `config.data.records` or the task split.
+    source: builds the experience source from the run (default `Run.offline`: the records, batched).
+    evaluators: more eval hooks (e.g. `evals.GenerationEval`) besides the loss on `eval_records`.
     init_params / init_from: start from these params, or from a saved model or earlier workdir
         (default `config.init_from`); ignored when the workdir already has checkpoints.
     """
-    config = copy.deepcopy(config)
-    if isinstance(objective, str):
-        config.objective = objective
-    if workdir is not None:
-        config.workdir = workdir
-    if init_from is not None:
-        config.init_from = init_from
-    train_config.check(config)
-    obj = objective if isinstance(objective, Objective) else objectives.get(config.objective)
-    workdir = os.path.abspath(config.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    mesh = mesh or sharding.make_mesh(train_config.mesh_config(config))
-    t = config.train
+    exp = _experiment(config, objective if isinstance(objective, str) else None, workdir, init_from)
+    obj = objective if isinstance(objective, Objective) else objectives.get(exp.objective)
+    os.makedirs(exp.workdir, exist_ok=True)
+    mesh = mesh or sharding.make_mesh(exp.mesh)
+    done = _finished(exp)
+    if done is not None:
+        logging.info("%s already finished %d steps; loading its model instead of training", exp.workdir, done)
+        return model_checkpoints.load_model(os.path.join(exp.workdir, MODEL_DIR), mesh)
 
-    done_path = os.path.join(workdir, DONE_FILE)
-    if os.path.exists(done_path):
-        with open(done_path) as f:
-            done = json.load(f)
-        if done["step"] >= t.total_steps:
-            logging.info("%s already finished %d steps; loading its model instead of training", workdir, done["step"])
-            return model_checkpoints.load_model(os.path.join(workdir, MODEL_DIR), mesh)
-
-    tokenizer = inputs.load_tokenizer(config)
-    prompt_format = obj.check_format(config.data.prompt_format)
-    train_source = inputs.resolve_source(config, prompt_format, records, config.data.split, config.data.records)
-    if train_source is None:
+    tokenizer = inputs.load_tokenizer(exp.data)
+    prompt_format = obj.check_format(exp.data.prompt_format)
+    resolve = lambda given, split, path: inputs.resolve_source(  # noqa: E731
+        exp.data, prompt_format, given, split, path, seed=exp.seed)
+    train_records = resolve(records, exp.data.split, exp.data.records)
+    if train_records is None and source is None:
         raise ValueError("no training data: set data.split, data.records or pass records=...")
-    eval_source = inputs.resolve_source(config, prompt_format, eval_records, config.data.eval_split,
-                                        config.data.eval_records)
-
-    ckpts = Checkpoints(workdir, max_to_keep=t.max_to_keep)
-    latest = ckpts.latest_step()
-    tx, sched = state_lib.optimizer(config), state_lib.schedule(config)
-    data_state = None
-    if latest is not None:
-        info = ckpts.restore_info(latest)
-        model = ModelConfig.from_dict(info["model_config"])
-        shardings = state_lib.state_shardings(model, tx, mesh)
-        state, data_state, _ = ckpts.restore(latest, _abstract_state(model, tx), shardings)
-        logging.info("resuming %s from step %d", workdir, latest)
-    else:
-        model, params = _initial_model(config, obj, tokenizer.vocab_size, mesh, init_params)
-        shardings = state_lib.state_shardings(model, tx, mesh)
-        state = state_lib.init_state(params, tx, config.seed, shardings)
-        del params
-    info = {"model_config": json.loads(model.to_json()), "objective": obj.name, "prompt_format": prompt_format}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
-    batches = inputs.batches(config, train_source, prompt_format, tokenizer, mesh)
+    tx = state_lib.optimizer(exp.train)
+    model, state, data_state = _start(exp, obj, mesh, tokenizer, tx, init_params)
+    run = Run(exp=exp, objective=obj, prompt_format=prompt_format, mesh=mesh, tokenizer=tokenizer, model=model,
+              records=train_records, eval_records=resolve(eval_records, exp.data.eval_split, exp.data.eval_records))
+    experience = (source or Run.offline)(run)
     if data_state is not None:
-        batches.set_state(data_state)
-    train_step = state_lib.make_train_step(obj, model, tx, sched, mesh, shardings, t.grad_accum)
-    eval_step = state_lib.make_eval_step(obj, model, mesh, shardings.params)
-    eval_batches: list[dict] = []
-    if eval_source is not None:
-        eval_iter = inputs.batches(config, eval_source, prompt_format, tokenizer, mesh, shuffle=False)
-        eval_batches = [next(eval_iter) for _ in range(t.eval_batches)]
+        experience.restore(data_state)
+    hooks = [make(run) for make in ((_loss_eval,) + tuple(evaluators))]
+    return _loop(run, state, experience, [h for h in hooks if h is not None], tx)
 
+
+def _finished(exp: Experiment) -> int | None:
+    path = os.path.join(exp.workdir, DONE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        step = json.load(f)["step"]
+    return step if step >= exp.train.total_steps else None
+
+
+def _loss_eval(run: Run) -> LossEval | None:
+    if run.eval_records is None:
+        return None
+    batches = inputs.batches(run.eval_records, run.prompt_format, run.tokenizer, run.mesh,
+                             run.pipeline(shuffle=False))
+    eval_step = state_lib.make_eval_step(run.objective, run.model, run.mesh)
+    return LossEval(eval_step, [next(batches) for _ in range(run.exp.train.eval_batches)])
+
+
+def _loop(run: Run, state: state_lib.TrainState, source: ExperienceSource, evaluators: list,
+          tx) -> tuple[ModelConfig, Params]:
+    """The steps: batch -> jitted update -> log / eval -> checkpoint, each a named call."""
+    t = run.exp.train
+    shardings = state_lib.state_shardings(run.model, tx, run.mesh, tuple(state.frozen))
+    train_step = state_lib.make_train_step(run.objective, run.model, tx, state_lib.schedule(t), run.mesh,
+                                           shardings, t.grad_accum)
+    rng = jax.random.key(run.exp.seed + 1)  # the sources' stream; step s reads fold_in(rng, s)
     start = int(jax.device_get(state.step))
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-    progress = metrics_lib.Progress(start, t.total_steps, desc=f"{obj.name}:{os.path.basename(workdir)}")
-    stop = _StopSignal()
-    flops_per_token = model.flops_per_token(config.data.max_len)
-    peak = metrics_lib.peak_tflops(t.peak_tflops) * 1e12 * mesh.size
-    host_rng = jax.random.key(config.seed + 1)
-    window: dict[str, float] = {}
-    window_start, window_steps = time.perf_counter(), 0
-    last_saved = start if latest is not None else None
-    try:
-        pending = next(batches) if start < t.total_steps else None
+    with Session(run, start) as session:
+        batch = source.next(state.params, start, jax.random.fold_in(rng, start)) if start < t.total_steps else None
         for step in range(start, t.total_steps):
-            batch = pending
-            if obj.prepare_batch is not None:
-                batch = obj.prepare_batch(state, batch, jax.random.fold_in(host_rng, step))
-            state, m = train_step(state, batch)
-            data_state = batches.get_state()  # position after this step's batch
-            # Fetching the next batch overlaps with the step running on device.
-            pending = next(batches) if step + 1 < t.total_steps else None
-            m = jax.device_get(m)
-            done_steps = step + 1
-            if not m.pop("finite"):
-                kept = f"checkpoint at step {last_saved}" if last_saved is not None else "no checkpoint yet"
-                raise NonFiniteLoss(
-                    f"non-finite loss {m['loss']} or grad norm {m['grad_norm']} at step {done_steps}; the update "
-                    f"was discarded and nothing was saved ({kept} is the last good state)")
-            if step == start:  # the first step compiles; keep it out of the throughput window
-                window_start, window_steps, window = time.perf_counter(), 0, {}
-            else:
-                window_steps += 1
-                for k, v in m.items():
-                    window[k] = window.get(k, 0.0) + float(v)
-            logged = None
-            if done_steps % t.log_every == 0 or done_steps == t.total_steps:
-                logged = {k: float(v) for k, v in m.items() if k != "tokens"}
-                elapsed = time.perf_counter() - window_start
-                if window_steps and elapsed > 0:
-                    padded = window_steps * t.batch_size * config.data.max_len
-                    logged["tokens_per_sec"] = window["tokens"] / elapsed
-                    logged["steps_per_sec"] = window_steps / elapsed
-                    logged["mfu"] = flops_per_token * padded / elapsed / peak
-                window_start, window_steps, window = time.perf_counter(), 0, {}
-            if eval_batches and ((t.eval_every and done_steps % t.eval_every == 0) or done_steps == t.total_steps):
-                logged = {**(logged or {}), **_evaluate(eval_step, state.params, eval_batches)}
-            if logged is not None:
-                writer.write(done_steps, logged)
-            progress.update(done_steps, logged)
-            stopping = stop.should_stop(done_steps)
-            if done_steps % t.checkpoint_every == 0 or done_steps == t.total_steps or stopping:
-                last_saved = ckpts.save(state, data_state, info)
-            if stopping:
-                ckpts.wait()
-                logging.warning("SIGTERM: saved a checkpoint at step %d of %d in %s; exiting, rerun to resume",
-                                done_steps, t.total_steps, workdir)
-                raise Preempted(done_steps)
-        ckpts.wait()
-        model_checkpoints.save_model(os.path.join(workdir, MODEL_DIR), model, state.params)
-        if jax.process_index() == 0:
-            with open(done_path, "w") as f:
-                json.dump({"step": t.total_steps, "objective": obj.name}, f)
-        return model, state.params
-    finally:
-        stop.restore()
-        progress.close()
-        writer.close()
-        ckpts.wait()
-        ckpts.close()
+            state, metrics = train_step(state, device_arrays(batch))
+            source_state = source.state()  # the position after this step's batch
+            padded = int(batch["tokens"].size) if "tokens" in batch else 0
+            if step + 1 < t.total_steps:  # fetched while the step runs on device
+                batch = source.next(state.params, step + 1, jax.random.fold_in(rng, step + 1))
+            session.record(step + 1, jax.device_get(metrics), padded,
+                           evaluate=lambda: {k: v for e in evaluators for k, v in e(state.params, state.frozen).items()})
+            session.maybe_checkpoint(step + 1, state, source_state)
+        return session.finish(state)

@@ -93,13 +93,32 @@ class _Crash(Exception):
     pass
 
 
+class _Hooked:
+    """The run's offline source, with `hook(step, batch)` applied to each batch it serves."""
+
+    def __init__(self, inner, hook):
+        self.inner, self.hook = inner, hook
+
+    def next(self, params, step, rng):
+        return self.hook(step, self.inner.next(params, step, rng))
+
+    def state(self):
+        return self.inner.state()
+
+    def restore(self, state):
+        self.inner.restore(state)
+
+
+def _hooked(hook):
+    return lambda run: _Hooked(run.offline(), hook)
+
+
 def _crash_at(step):
-    def prepare(state, batch, rng):
-        del rng
-        if int(state.step) == step:
+    def hook(s, batch):
+        if s == step:
             raise _Crash(step)
         return batch
-    return dataclasses.replace(objectives.get("sft"), prepare_batch=prepare)
+    return _hooked(hook)
 
 
 def test_resume_is_exact_including_data_order(task_records, tokenizer_path, one_device, tmp_path):
@@ -111,7 +130,7 @@ def test_resume_is_exact_including_data_order(task_records, tokenizer_path, one_
 
     c.workdir = str(tmp_path / "b")
     with pytest.raises(_Crash):
-        trainer.train(c, objective=_crash_at(5), records=records, mesh=one_device)
+        trainer.train(c, source=_crash_at(5), records=records, mesh=one_device)
     assert Checkpoints(c.workdir, max_to_keep=2).latest_step() == 4
     _, params_b = trainer.train(c, records=records, mesh=one_device)
 
@@ -125,14 +144,12 @@ def test_resume_is_exact_including_data_order(task_records, tokenizer_path, one_
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(task_records, tokenizer_path, one_device, tmp_path):
-    def poison(state, batch, rng):
-        del rng
-        return {**batch, "loss_mask": batch["loss_mask"] * jnp.nan} if int(state.step) == 5 else batch
+    def poison(step, batch):
+        return {**batch, "loss_mask": batch["loss_mask"] * jnp.nan} if step == 5 else batch
 
-    nan_sft = dataclasses.replace(objectives.get("sft"), prepare_batch=poison)
     c = _config(tokenizer_path, tmp_path, total_steps=8, checkpoint_every=2)
     with pytest.raises(trainer.NonFiniteLoss, match="at step 6.*step 4"):
-        trainer.train(c, objective=nan_sft, records=task_records, mesh=one_device)
+        trainer.train(c, source=_hooked(poison), records=task_records, mesh=one_device)
     assert Checkpoints(c.workdir, max_to_keep=2).latest_step() == 4
     _, params = trainer.train(c, records=task_records, mesh=one_device)  # resumes from 4 and finishes
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))

@@ -7,6 +7,9 @@ Batch dict (every array [B, T], B the global batch, T = max_len):
     step_labels    float32  value targets at step ends, -1 elsewhere
     segment_ids    int32    1 on real tokens, 0 on padding (one sequence per row: no packing)
     positions      int32    0..len-1 on real tokens, 0 on padding
+and, host-side only (lists of str, this process's rows), the record fields a
+reward or a generation eval needs:
+    id, gold       the record's `id` and `gold` ('' when the record has none)
 
 Each JAX process reads only its own shard of the source (a strided slice,
 equal-sized, remainder dropped), shuffles it with a per-epoch seed, formats
@@ -29,7 +32,17 @@ from glore_jax.prompts import Example, fit
 from glore_jax.sharding import batch_sharding
 
 BATCH_KEYS = ("tokens", "loss_mask", "step_end_mask", "step_labels", "segment_ids", "positions")
+HOST_FIELDS = ("id", "gold")
 _STAT_KEYS = ("examples", "prompt_truncated", "target_truncated")
+
+
+def put_local(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows of each array -> global arrays, the batch axis sharded over data and fsdp.
+
+    Any rank works: axis 0 is the batch, the others stay whole.
+    """
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local.items()}
 
 
 def pad_example(example: Example, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -102,6 +115,8 @@ class _FormatRow:
         row = pad_example(fitted.example, self.max_len, self.pad_id)
         row["prompt_truncated"] = np.asarray(fitted.prompt_truncated)
         row["target_truncated"] = np.asarray(fitted.target_truncated)
+        for key in HOST_FIELDS:
+            row[key] = np.asarray(str(record.get(key, "")))
         return row
 
 
@@ -133,17 +148,17 @@ class BatchIterator:
         self._dataset = dataset
         self._iter = iter(dataset.to_iter_dataset())
         self.stats = dict.fromkeys(_STAT_KEYS, 0)
-        self._shardings = {k: batch_sharding(mesh, 2) for k in BATCH_KEYS}
 
     def __iter__(self) -> "BatchIterator":
         return self
 
-    def __next__(self) -> dict[str, jax.Array]:
+    def __next__(self) -> dict[str, Any]:
         local = next(self._iter)
         self.stats["examples"] += int(local["tokens"].shape[0])
         self.stats["prompt_truncated"] += int(local.pop("prompt_truncated").sum())
         self.stats["target_truncated"] += int(local.pop("target_truncated").sum())
-        return {k: jax.make_array_from_process_local_data(self._shardings[k], local[k]) for k in BATCH_KEYS}
+        return {**put_local(self.mesh, {k: local[k] for k in BATCH_KEYS}),
+                **{k: [str(x) for x in local[k]] for k in HOST_FIELDS}}
 
     def get_state(self) -> dict[str, Any]:
         return {"grain": self._iter.get_state(), "stats": dict(self.stats)}

@@ -1,6 +1,6 @@
 """Training objectives, chosen by name. Adding one: a module defining an `Objective`, plus one line here."""
 
-from glore_jax.objectives.base import Batch, Metrics, Objective, finalize, pair
+from glore_jax.objectives.base import Batch, FrozenSpec, Metrics, Objective, finalize, pair
 from glore_jax.objectives.sft import SFT
 from glore_jax.objectives.value import ORM, SORM
 
@@ -17,4 +17,4 @@ def get(name: str) -> Objective:
     return OBJECTIVES[name]
 
 
-__all__ = ["OBJECTIVES", "Batch", "Metrics", "Objective", "finalize", "get", "pair"]
+__all__ = ["OBJECTIVES", "Batch", "FrozenSpec", "Metrics", "Objective", "finalize", "get", "pair"]

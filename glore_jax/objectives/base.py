@@ -5,6 +5,10 @@ trainer adds pairs across micro-batches (and XLA across data-parallel
 shards) and divides once at the end, so gradient accumulation and any mesh
 give exactly the mean over the whole global batch. `metrics['loss']` must be
 the `(loss_sum, weight)` pair whose first element is the returned loss.
+
+A loss is `loss_fn(params, batch, rng, model, frozen)`: `frozen` maps each
+of the objective's `FrozenSpec` names to its pytree (e.g. a reference
+policy for a KL term); objectives that declare none ignore it.
 """
 
 from __future__ import annotations
@@ -21,11 +25,27 @@ from glore_jax.models import ModelConfig
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
-LossFn = Callable[[Any, Batch, jax.Array, ModelConfig], tuple[jax.Array, Metrics]]
-# Host-side, before the jitted step: (train state, batch, rng) -> batch. The
-# place for on-policy sampling (e.g. a policy-gradient objective generating
-# completions with the current params), which cannot live inside the step.
-PrepareFn = Callable[[Any, Batch, jax.Array], Batch]
+LossFn = Callable[[Any, Batch, jax.Array, ModelConfig, dict[str, Any]], tuple[jax.Array, Metrics]]
+
+
+def _same(params: Any) -> Any:
+    return params
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FrozenSpec:
+    """A pytree the loss reads but never trains, kept in `TrainState.frozen[name]`.
+
+    It is derived from the run's initial params (`derive`; by default they are
+    the reference policy itself) and sharded like them. With `checkpoint`,
+    it is saved in every checkpoint; without, it is derived again on resume,
+    which is exact because the initial params are reproducible (`init_from`,
+    the caller's `init_params`, or the seeded init).
+    """
+
+    name: str
+    derive: Callable[[Any], Any] = _same
+    checkpoint: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,6 +56,7 @@ class Objective:
     loss_fn: LossFn
     heads: tuple[str, ...]               # model heads the loss reads: ('lm',) or ('value',)
     default_format: str                  # a `glore_jax.prompts` format; any format training these heads works
+    frozen: tuple[FrozenSpec, ...] = ()  # pytrees the loss reads besides the trained params
 
     def check_format(self, prompt_format: str) -> str:
         """The format to use ('' means the default), or an error naming the valid ones."""

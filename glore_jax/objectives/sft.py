@@ -14,8 +14,9 @@ from glore_jax import models
 from glore_jax.objectives.base import Batch, Metrics, Objective, pair
 
 
-def sft_loss(params, batch: Batch, rng: jax.Array, config: models.ModelConfig) -> tuple[jax.Array, Metrics]:
-    del rng
+def sft_loss(params, batch: Batch, rng: jax.Array, config: models.ModelConfig,
+             frozen=None) -> tuple[jax.Array, Metrics]:
+    del rng, frozen
     out = models.apply(config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                        want_values=False)
     # loss_mask[t] marks token t as a target, predicted from position t-1.

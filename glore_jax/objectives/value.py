@@ -16,8 +16,9 @@ from glore_jax import models
 from glore_jax.objectives.base import Batch, Metrics, Objective, pair
 
 
-def value_loss(params, batch: Batch, rng: jax.Array, config: models.ModelConfig) -> tuple[jax.Array, Metrics]:
-    del rng
+def value_loss(params, batch: Batch, rng: jax.Array, config: models.ModelConfig,
+               frozen=None) -> tuple[jax.Array, Metrics]:
+    del rng, frozen
     out = models.apply(config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                        want_logits=False)
     labels = batch["step_labels"]

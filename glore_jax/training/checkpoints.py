@@ -1,12 +1,13 @@
 """Resumable training checkpoints, and where `init_from` finds a model.
 
 A workdir holds
-    checkpoints/<step>/{params, opt_state, rng, data, info}   Orbax, async, atomic per step
+    checkpoints/<step>/{params, opt_state, rng, data, info[, frozen]}   Orbax, async, atomic per step
     model/                                                    the final saved model (models.checkpoints)
 `params` and `opt_state` are separate items so a later stage can restore the
 params alone without knowing the earlier stage's optimizer; `data` is the
-batch iterator's JSON state, so a resumed run sees exactly the batches the
-uninterrupted run would have; `info` records the model config and objective.
+experience source's JSON state, so a resumed run sees exactly the batches the
+uninterrupted run would have; `info` records the model config and objective;
+`frozen` holds the frozen trees whose `FrozenSpec` asks to be saved.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from glore_jax.training.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
-_ITEMS = ("params", "opt_state", "rng", "data", "info")
+_ITEMS = ("params", "opt_state", "rng", "data", "info", "frozen")
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -46,29 +47,41 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, state: TrainState, data_state: dict, info: dict) -> int:
-        """Starts an async save of `state` at its step; arrays are copied off-device before it returns."""
+    def save(self, state: TrainState, data_state: dict, info: dict, *, frozen: tuple[str, ...] = ()) -> int:
+        """Starts an async save of `state` at its step; arrays are copied off-device before it returns.
+
+        `frozen`: the names of `state.frozen` trees to save (the others are derived again on resume).
+        """
         step = int(jax.device_get(state.step))
-        self._manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
-            rng=ocp.args.StandardSave({"key": state.rng}),  # Standard* takes trees, not bare arrays
-            data=ocp.args.JsonSave(data_state),
-            info=ocp.args.JsonSave(info)), force=True)
+        items = dict(params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
+                     rng=ocp.args.StandardSave({"key": state.rng}),  # Standard* takes trees, not bare arrays
+                     data=ocp.args.JsonSave(data_state), info=ocp.args.JsonSave({**info, "frozen": list(frozen)}))
+        if frozen:
+            items["frozen"] = ocp.args.StandardSave({k: state.frozen[k] for k in frozen})
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         return step
 
     def restore_info(self, step: int) -> dict:
         return dict(self._manager.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore())).info)
 
     def restore(self, step: int, like: TrainState, shardings: TrainState) -> tuple[TrainState, dict, dict]:
-        """(state, data iterator state, info) at `step`, each array straight into its sharding."""
+        """(state, data iterator state, info) at `step`, each array straight into its sharding.
+
+        `state.frozen` holds only the trees this checkpoint saved (`info['frozen']`).
+        """
+        info = self.restore_info(step)
+        saved = [k for k in info.get("frozen", []) if k in like.frozen]
         target = _abstract(like, shardings)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target.params), opt_state=ocp.args.StandardRestore(target.opt_state),
-            rng=ocp.args.StandardRestore({"key": target.rng}),
-            data=ocp.args.JsonRestore(), info=ocp.args.JsonRestore()))
+        items = dict(params=ocp.args.StandardRestore(target.params),
+                     opt_state=ocp.args.StandardRestore(target.opt_state),
+                     rng=ocp.args.StandardRestore({"key": target.rng}), data=ocp.args.JsonRestore())
+        if saved:
+            items["frozen"] = ocp.args.StandardRestore({k: target.frozen[k] for k in saved})
+        out = self._manager.restore(step, args=ocp.args.Composite(**items))
         step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step)
-        state = TrainState(step=step_array, params=out.params, opt_state=out.opt_state, rng=out.rng["key"])
-        return state, dict(out.data), dict(out.info)
+        state = TrainState(step=step_array, params=out.params, opt_state=out.opt_state, rng=out.rng["key"],
+                           frozen=dict(out.frozen) if saved else {})
+        return state, dict(out.data), info
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -1,13 +1,22 @@
-"""The experiment config schema: shared keys every stage reads, plus `train` loop knobs.
+"""The experiment config: an ml_collections schema at the edge, frozen typed configs inside.
 
 One experiment config file serves both `python -m glore_jax.train` (one
 objective) and the GLoRe pipeline (every stage, each deriving its training
 config from the shared keys). Config files start from `base_config()`, set
 what differs, and return it locked, so a misspelled override fails at once
 naming the key instead of silently training something else.
+
+`experiment(config)` checks the ConfigDict once and turns it into an
+`Experiment` of frozen dataclasses (`DataConfig`, `TrainConfig`, `ModelSpec`,
+`sharding.MeshConfig`); from there on, every function takes only the typed
+piece it reads, so its signature says what it depends on.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
 
 from ml_collections import ConfigDict, config_dict
 
@@ -21,6 +30,9 @@ MODEL_OVERRIDES = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv
                    "dtype", "remat")
 COMPUTE_OVERRIDES = ("dtype", "remat")
 VOCAB_MULTIPLE = 128
+# The synthetic generator's knobs a config exposes (all but `operators`).
+SYNTHETIC_KEYS = ("train_size", "test_size", "seed", "min_steps", "max_steps", "min_operand", "max_operand",
+                  "max_factor", "max_value")
 
 
 def base_config() -> ConfigDict:
@@ -52,8 +64,7 @@ def base_config() -> ConfigDict:
     c.data.tokenizer_vocab_size = 512   # for the in-process trained tokenizer
     c.data.synthetic = ConfigDict()
     defaults = SyntheticConfig()
-    for name in ("train_size", "test_size", "seed", "min_steps", "max_steps", "min_operand", "max_operand",
-                 "max_factor", "max_value"):
+    for name in SYNTHETIC_KEYS:
         setattr(c.data.synthetic, name, getattr(defaults, name))
 
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -101,28 +112,104 @@ def check(config: ConfigDict) -> None:
         raise ValueError("train.learning_rate must be > 0 and warmup_steps, grad_clip, eval_every >= 0")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The loop's knobs (`config.train`); see `base_config` for what each means."""
+
+    total_steps: int
+    batch_size: int
+    grad_accum: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    log_every: int
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    max_to_keep: int
+    peak_tflops: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where examples come from (`config.data`), with `data_dir` resolved against the workdir."""
+
+    task: str
+    split: str
+    eval_split: str
+    prompt_format: str
+    records: str
+    eval_records: str
+    max_len: int
+    data_dir: str
+    manual_dir: str
+    tokenizer: str
+    tokenizer_vocab_size: int
+    synthetic: SyntheticConfig | None       # the generator's knobs; None for the file-backed tasks
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A preset plus overrides; the vocab is fixed only once the tokenizer is known (`build`)."""
+
+    preset: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def build(self, tokenizer_vocab: int) -> ModelConfig:
+        """The fresh model the config describes; vocab fits the tokenizer unless set explicitly."""
+        overrides = dict(self.overrides)
+        overrides.setdefault("vocab_size", round_vocab(tokenizer_vocab))
+        result = preset(self.preset, **overrides)
+        check_vocab(result, tokenizer_vocab)
+        return result
+
+    def compute(self) -> dict[str, Any]:
+        """The overrides that may change on top of a loaded checkpoint (shape knobs belong to it)."""
+        return {k: v for k, v in self.overrides if k in COMPUTE_OVERRIDES}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Experiment:
+    """One training job's whole config, typed; built once from the ConfigDict by `experiment`."""
+
+    objective: str
+    workdir: str
+    seed: int
+    init_from: str
+    model: ModelSpec
+    data: DataConfig
+    mesh: MeshConfig
+    train: TrainConfig
+    source_json: str = "{}"                 # the ConfigDict as given, saved as the workdir's config.json
+
+    def replace(self, **changes) -> "Experiment":
+        return dataclasses.replace(self, **changes)
+
+
+def experiment(config: ConfigDict) -> Experiment:
+    """Checks `config` and returns its typed form: the edge between ml_collections and the code."""
+    check(config)
+    d = config.data
+    synthetic = SyntheticConfig(**{k: d.synthetic[k] for k in SYNTHETIC_KEYS}) if d.task == "synthetic" else None
+    data = DataConfig(task=d.task, split=d.split, eval_split=d.eval_split, prompt_format=d.prompt_format,
+                      records=d.records, eval_records=d.eval_records, max_len=d.max_len,
+                      data_dir=d.data_dir or os.path.join(config.workdir, "data"), manual_dir=d.manual_dir,
+                      tokenizer=d.tokenizer, tokenizer_vocab_size=d.tokenizer_vocab_size, synthetic=synthetic)
+    overrides = tuple((k, config.model[k]) for k in MODEL_OVERRIDES if config.model[k] is not None)
+    return Experiment(objective=config.objective, workdir=os.path.abspath(config.workdir), seed=config.seed,
+                      init_from=config.init_from, model=ModelSpec(preset=config.model.preset, overrides=overrides),
+                      data=data, mesh=mesh_config(config), train=TrainConfig(**config.train.to_dict()),
+                      source_json=config.to_json_best_effort(indent=2))
+
+
 def mesh_config(config: ConfigDict) -> MeshConfig:
     return MeshConfig(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
-
-
-def synthetic_config(config: ConfigDict) -> SyntheticConfig | None:
-    if config.data.task != "synthetic":
-        return None
-    return SyntheticConfig(**config.data.synthetic.to_dict())
 
 
 def round_vocab(n: int) -> int:
     """Embedding rows rounded up so the vocab axis splits evenly over tensor-parallel devices."""
     return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def model_config(config: ConfigDict, tokenizer_vocab: int) -> ModelConfig:
-    """The fresh model the config describes; vocab fits the tokenizer unless set explicitly."""
-    overrides = {k: config.model[k] for k in MODEL_OVERRIDES if config.model[k] is not None}
-    overrides.setdefault("vocab_size", round_vocab(tokenizer_vocab))
-    result = preset(config.model.preset, **overrides)
-    check_vocab(result, tokenizer_vocab)
-    return result
 
 
 def check_vocab(model: ModelConfig, tokenizer_vocab: int) -> None:

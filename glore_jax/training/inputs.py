@@ -1,10 +1,10 @@
-"""From the config's `data` keys to a tokenizer, record sources and batch iterators.
+"""From a `DataConfig` to a tokenizer, record sources and batch iterators.
 
 A source is any random-access sequence of record dicts: a TFDS task split,
 a records file written by an earlier stage (`data.store`), or an in-memory
-list handed in by the pipeline. Value and refiner formats on the synthetic
-task, with no records given, use `SyntheticLabelled`, so every objective runs
-without a trained policy.
+list handed in by the pipeline. Formats that need labelled records, on the
+synthetic task with no records given, read `SyntheticLabelled`, so every
+objective runs without a trained policy.
 """
 
 from __future__ import annotations
@@ -16,38 +16,32 @@ from collections.abc import Sequence
 from typing import Any
 
 from jax.sharding import Mesh
-from ml_collections import ConfigDict
 
 from glore_jax import data, prompts
 from glore_jax.data.labelled import SyntheticLabelled
 from glore_jax.data.store import RecordsFile
 from glore_jax.tokenizer import Tokenizer, train_tokenizer
-from glore_jax.training.config import synthetic_config
+from glore_jax.training.config import SYNTHETIC_KEYS, DataConfig
 
 Source = Sequence[dict[str, Any]]
 
 
-def data_dir(config: ConfigDict) -> str:
-    return config.data.data_dir or os.path.join(config.workdir, "data")
-
-
-def load_tokenizer(config: ConfigDict) -> Tokenizer:
+def load_tokenizer(cfg: DataConfig) -> Tokenizer:
     """The configured tokenizer, or for the synthetic task one trained once and cached by config."""
-    if config.data.tokenizer:
-        return Tokenizer.load(config.data.tokenizer)
-    if config.data.task != "synthetic":
-        raise ValueError(f"data.tokenizer must name a sentencepiece model for task {config.data.task!r}; "
+    if cfg.tokenizer:
+        return Tokenizer.load(cfg.tokenizer)
+    if cfg.task != "synthetic":
+        raise ValueError(f"data.tokenizer must name a sentencepiece model for task {cfg.task!r}; "
                          "only the synthetic task trains its own")
-    key = json.dumps({"synthetic": config.data.synthetic.to_dict(),
-                      "vocab": config.data.tokenizer_vocab_size}, sort_keys=True)
-    path = os.path.join(data_dir(config), "tokenizers",
-                        f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}.model")
+    key = json.dumps({"synthetic": {k: getattr(cfg.synthetic, k) for k in SYNTHETIC_KEYS},
+                      "vocab": cfg.tokenizer_vocab_size}, sort_keys=True)
+    path = os.path.join(cfg.data_dir, "tokenizers", f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}.model")
     if os.path.exists(path):
         return Tokenizer.load(path)
-    train = task_split(config, config.data.split or "train")
+    train = task_split(cfg, cfg.split or "train")
     texts = (text for r in train for text in (r["question"], r["answer"]))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tokenizer = train_tokenizer(texts, config.data.tokenizer_vocab_size)
+    tokenizer = train_tokenizer(texts, cfg.tokenizer_vocab_size)
     tmp = f"{path}.{os.getpid()}.tmp"  # concurrent processes each write whole files
     with open(tmp, "wb") as f:
         f.write(tokenizer.serialized)
@@ -55,34 +49,31 @@ def load_tokenizer(config: ConfigDict) -> Tokenizer:
     return tokenizer
 
 
-def task_split(config: ConfigDict, split: str) -> Source:
-    return data.load(config.data.task, split, data_dir(config), manual_dir=config.data.manual_dir or None,
-                     synthetic=synthetic_config(config))
+def task_split(cfg: DataConfig, split: str) -> Source:
+    return data.load(cfg.task, split, cfg.data_dir, manual_dir=cfg.manual_dir or None, synthetic=cfg.synthetic)
 
 
-def resolve_source(config: ConfigDict, prompt_format: str, records: Source | str | None, split: str,
-                   records_path: str) -> Source | None:
+def resolve_source(cfg: DataConfig, prompt_format: str, records: Source | str | None, split: str,
+                   records_path: str, *, seed: int) -> Source | None:
     """records (list or path) > records_path from the config > the task split; None if none is set."""
     if records is not None:
         source = RecordsFile(records) if isinstance(records, (str, os.PathLike)) else records
     elif records_path:
         source = RecordsFile(records_path)
     elif split:
-        source = task_split(config, split)
+        source = task_split(cfg, split)
         if not prompts.get(prompt_format).task_records:
-            if config.data.task != "synthetic":
+            if cfg.task != "synthetic":
                 raise ValueError(f"prompt format {prompt_format!r} needs labelled records for task "
-                                 f"{config.data.task!r}: set data.records (or pass records=...)")
-            source = SyntheticLabelled(source, seed=config.seed)
+                                 f"{cfg.task!r}: set data.records (or pass records=...)")
+            source = SyntheticLabelled(source, seed=seed)
     else:
         return None
     prompts.get(prompt_format).check(source, name=getattr(source, "name", None) or type(source).__name__)
     return source
 
 
-def batches(config: ConfigDict, source: Source, prompt_format: str, tokenizer: Tokenizer, mesh: Mesh, *,
-            shuffle: bool = True, num_epochs: int | None = None) -> data.BatchIterator:
-    pipeline = data.PipelineConfig(global_batch_size=config.train.batch_size, max_len=config.data.max_len,
-                                   seed=config.seed, shuffle=shuffle, num_epochs=num_epochs)
+def batches(source: Source, prompt_format: str, tokenizer: Tokenizer, mesh: Mesh,
+            pipeline: data.PipelineConfig) -> data.BatchIterator:
     return data.BatchIterator(source, prompts.Renderer(prompt_format, tokenizer), pipeline, mesh,
                               pad_id=tokenizer.pad_id)

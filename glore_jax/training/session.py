@@ -1,0 +1,158 @@
+"""Everything around the train steps: metrics and throughput, eval timing, SIGTERM, checkpoints, the end.
+
+`Session` keeps the loop in `trainer` a few lines long. Its rules:
+  - metrics go to `metrics.jsonl` and TensorBoard every `log_every` steps;
+    tokens/s and MFU are measured over the steps since the last log line,
+    the first (compiling) step excluded;
+  - evaluators run every `eval_every` steps and at the end, on the same row;
+  - a non-finite step raises `NonFiniteLoss` before anything is saved;
+  - a checkpoint every `checkpoint_every` steps, at the end, and on SIGTERM,
+    after which `Preempted` is raised so the caller exits and reruns later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from glore_jax.models import checkpoints as model_checkpoints
+from glore_jax.training import metrics as metrics_lib
+from glore_jax.training.checkpoints import MODEL_DIR, Checkpoints
+
+DONE_FILE = "train_done.json"
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint at `step`; rerun to resume."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: saved a checkpoint at step {step}; rerun with the same workdir to resume")
+        self.step = step
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A step produced a NaN/Inf loss or gradient; its update was discarded and nothing was saved."""
+
+
+class _StopSignal:
+    """Turns SIGTERM into a flag the loop polls; multi-host runs agree on the step through JAX."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            # Each host gets SIGTERM at a different step; JAX's preemption
+            # service picks one step at which all hosts save together.
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Session:
+    """One training job's side effects, from its first step (`start`) to its saved model."""
+
+    def __init__(self, run, start: int):
+        self.run, self.t, self.start = run, run.exp.train, start
+        workdir = run.exp.workdir
+        self.info = {"model_config": json.loads(run.model.to_json()), "objective": run.objective.name,
+                     "prompt_format": run.prompt_format}
+        self.saved_frozen = tuple(s.name for s in run.objective.frozen if s.checkpoint)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(run.exp.source_json)
+        self.ckpts = Checkpoints(workdir, max_to_keep=self.t.max_to_keep)
+        self.writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+        self.progress = metrics_lib.Progress(start, self.t.total_steps,
+                                             desc=f"{run.objective.name}:{os.path.basename(workdir)}")
+        self.stop = _StopSignal()
+        self.flops_per_token = run.model.flops_per_token(run.exp.data.max_len)
+        self.peak = metrics_lib.peak_tflops(self.t.peak_tflops) * 1e12 * run.mesh.size
+        self.last_saved = start or None
+        self.stopping = False
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.window: dict[str, float] = {}
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.restore()
+        self.progress.close()
+        self.writer.close()
+        self.ckpts.wait()
+        self.ckpts.close()
+
+    def eval_due(self, step: int) -> bool:
+        return bool(self.t.eval_every and step % self.t.eval_every == 0) or step == self.t.total_steps
+
+    def record(self, step: int, metrics: dict[str, Any], padded_tokens: int,
+               evaluate: Callable[[], dict[str, float]]) -> None:
+        """Checks, accumulates and (when due) logs step `step`'s metrics, with evals on the same row."""
+        if not metrics.pop("finite"):
+            kept = f"checkpoint at step {self.last_saved}" if self.last_saved is not None else "no checkpoint yet"
+            raise NonFiniteLoss(
+                f"non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']} at step {step}; the update "
+                f"was discarded and nothing was saved ({kept} is the last good state)")
+        if step == self.start + 1:  # the first step compiles; keep it out of the throughput window
+            self._reset_window()
+        else:
+            self.window_steps += 1
+            for k, v in {**metrics, "padded": padded_tokens}.items():
+                self.window[k] = self.window.get(k, 0.0) + float(v)
+        logged = None
+        if step % self.t.log_every == 0 or step == self.t.total_steps:
+            logged = {k: float(v) for k, v in metrics.items() if k != "tokens"}
+            elapsed = time.perf_counter() - self.window_start
+            if self.window_steps and elapsed > 0:
+                logged["tokens_per_sec"] = self.window["tokens"] / elapsed
+                logged["steps_per_sec"] = self.window_steps / elapsed
+                logged["mfu"] = self.flops_per_token * self.window["padded"] / elapsed / self.peak
+            self._reset_window()
+        if self.eval_due(step):
+            logged = {**(logged or {}), **evaluate()}
+        if logged is not None:
+            self.writer.write(step, logged)
+        self.progress.update(step, logged)
+        self.stopping = self.stop.should_stop(step)
+
+    def maybe_checkpoint(self, step: int, state, source_state: dict) -> None:
+        if step % self.t.checkpoint_every == 0 or step == self.t.total_steps or self.stopping:
+            self.last_saved = self.ckpts.save(state, source_state, self.info, frozen=self.saved_frozen)
+        if self.stopping:
+            self.ckpts.wait()
+            logging.warning("SIGTERM: saved a checkpoint at step %d of %d in %s; exiting, rerun to resume",
+                            step, self.t.total_steps, self.run.exp.workdir)
+            raise Preempted(step)
+
+    def finish(self, state) -> tuple[Any, Any]:
+        """Saves the final model and the done marker; returns (model config, params)."""
+        self.ckpts.wait()
+        workdir = self.run.exp.workdir
+        model_checkpoints.save_model(os.path.join(workdir, MODEL_DIR), self.run.model, state.params)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, DONE_FILE), "w") as f:
+                json.dump({"step": self.t.total_steps, "objective": self.run.objective.name}, f)
+        return self.run.model, state.params
