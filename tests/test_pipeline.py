@@ -69,8 +69,8 @@ def test_smoke_pipeline_resumes_after_a_kill_and_reruns_do_no_work(tmp_path):
     # The ORM gate is calibrated on validation questions carved from the train split: none is a test
     # question, and none was in the policy's SFT set (the EI records hold the SFT set plus samples).
     val_q, test_q, sft_q = ({json.loads(line)["question"] for line in (wd / "stages" / path).read_text().splitlines()}
-                            for path in ("calibrate/rows.jsonl", "inference/rows.jsonl",
-                                         "ei_1_samples/sft_records.jsonl"))
+                            for path in ("calibrate/val_rows.jsonl", "inference/test_rows.jsonl",
+                                         "ei_1_samples/ei_1_records.jsonl"))
     assert len(val_q) == 8 and not val_q & test_q and not val_q & sft_q
     assert report["results"]["orm_threshold"] == json.loads(
         (wd / "stages" / "calibrate" / "done.json").read_text())["result"]["orm_threshold"]

@@ -11,6 +11,7 @@ training config from the same shared one, so the two can never disagree.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from ml_collections import ConfigDict
 
@@ -52,6 +53,39 @@ def glore_knobs() -> ConfigDict:
     g.sample_rows = 64              # sequences per compiled sampler call
     g.shard_size = 128              # questions per resumable output shard of a sampling stage
     return g
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GloreConfig:
+    """The `glore` knobs, typed (see `glore_knobs` for what each means)."""
+
+    ei_rounds: int
+    ei_k: int
+    ei_from_base: bool
+    train_questions: int
+    temperature: float
+    orm_k: int
+    sorm_solutions: int
+    sorm_k: int
+    check_intermediate: bool
+    balance: bool
+    global_pairs_per_question: int
+    reference_fallback: bool
+    local_pairs_from_rollouts: bool
+    test_questions: int
+    val_questions: int
+    orm_threshold: float
+    sorm_threshold: float
+    best_of: int
+    value_eval_k: int
+    max_new_tokens: int
+    max_prompt_len: int
+    sample_rows: int
+    shard_size: int
+
+    @classmethod
+    def from_config(cls, glore: ConfigDict) -> "GloreConfig":
+        return cls(**glore.to_dict())
 
 
 def add_pipeline(config: ConfigDict, steps: dict[str, tuple], **knobs) -> ConfigDict:

@@ -27,7 +27,9 @@ def load(workdir: str) -> tuple[dict, dict[str, list[bool]]]:
     """A run's report and its per-question outcomes (recomputed from the saved test rows at its threshold)."""
     with open(os.path.join(workdir, "report.json")) as f:
         report = json.load(f)
-    rows = list(RecordsFile(os.path.join(workdir, "stages", "inference", "rows.jsonl")))
+    stage = os.path.join(workdir, "stages", "inference")
+    name = "test_rows.jsonl" if os.path.exists(os.path.join(stage, "test_rows.jsonl")) else "rows.jsonl"  # older runs
+    rows = list(RecordsFile(os.path.join(stage, name)))
     return report, inference.outcomes(rows, report["results"]["orm_threshold"])
 
 

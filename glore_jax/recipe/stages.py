@@ -15,34 +15,50 @@ from typing import Any
 
 import numpy as np
 from jax.sharding import Mesh
-from ml_collections import ConfigDict
 
 from glore_jax import prompts, trainer
-from glore_jax.models import ModelConfig
+from glore_jax.models import ModelConfig, checkpoints as model_checkpoints
 from glore_jax.recipe import inference as inference_lib, refine_data, sorm_labels, value_eval
-from glore_jax.recipe.config import stage_config
+from glore_jax.recipe.config import GloreConfig
 from glore_jax.recipe.inference import InferenceConfig
 from glore_jax.recipe.workspace import records_path, sharded
 from glore_jax.sampling import Generator
 from glore_jax.scoring import ValueScorer
 from glore_jax.tasks import is_correct
 from glore_jax.tokenizer import Tokenizer
+from glore_jax.training.config import Experiment
 
 Model = tuple[ModelConfig, Any]
 
 
 @dataclasses.dataclass
 class Context:
-    config: ConfigDict
+    """What every stage reads: the typed knobs, the mesh and tokenizer, the task's records, the stage configs."""
+
+    g: GloreConfig
+    seed: int
+    task: str
+    max_len: int             # data.max_len: the value models' input length
     mesh: Mesh
     tokenizer: Tokenizer
     train: list[dict]        # task records {id, question, answer, gold, meta}
     test: list[dict]
-    val: list[dict] = dataclasses.field(default_factory=list)  # carved from the train split; never trained on
+    val: list[dict]          # carved from the train split; never trained on
+    stages: dict[str, Experiment]   # each trained stage's config, built from the shared one at the edge
+    preset: str = ""
+    config_dict: dict = dataclasses.field(default_factory=dict)   # the whole config, for the report
+    models: dict[str, Model] = dataclasses.field(default_factory=dict)   # trained this run, or loaded once
+
+    def load_model(self, name: str, stage_dir: str) -> Model:
+        """A training stage's model: the one it trained this run, or its saved final model."""
+        if name not in self.models:
+            self.models[name] = model_checkpoints.load_model(os.path.join(stage_dir, "model"), self.mesh)
+        return self.models[name]
 
     @property
-    def g(self) -> ConfigDict:
-        return self.config.glore
+    def questions(self) -> list[dict]:
+        """The train questions the sampling stages use."""
+        return self.train[:self.g.train_questions or None]
 
     def generator(self, model: Model) -> Generator:
         cfg, params = model
@@ -52,20 +68,15 @@ class Context:
 
     def scorer(self, model: Model) -> ValueScorer:
         cfg, params = model
-        return ValueScorer(cfg, params, self.tokenizer, max_len=self.config.data.max_len, rows=self.g.sample_rows,
+        return ValueScorer(cfg, params, self.tokenizer, max_len=self.max_len, rows=self.g.sample_rows,
                            mesh=self.mesh)
 
     def policy_prompts(self, questions: Sequence[str]) -> list[list[int]]:
         return [prompts.get("policy").prompt(self.tokenizer, {"question": q}) for q in questions]
 
-    def train_model(self, stage: str, workdir: str, *, records: str | None = None,
-                    init: Model | None = None) -> Model:
-        c = stage_config(self.config, stage)
-        if records is not None:
-            c.unlock()
-            c.data.eval_split = ""   # the pipeline evaluates its models itself, on the test split
-            c.lock()
-        return trainer.train(c, records=records, init_params=init, workdir=workdir)
+    def train_model(self, stage: str, workdir: str, *, records: str | Sequence[dict], init: Model | None = None) -> Model:
+        """Trains (or resumes, or loads when finished) one stage's model on `records`."""
+        return trainer.train(self.stages[stage], records=records, init_params=init, workdir=workdir)
 
 
 def sample_solutions(ctx: Context, policy: Model, questions: Sequence[dict], k: int, stage_dir: str,
@@ -121,9 +132,9 @@ def refinement_records(ctx: Context, samples: Sequence[dict], labelled: Sequence
     groups = [(r["question"], r["gold"], r["solutions"]) for r in samples]
     refs = {r["question"]: r["answer"] for r in ctx.train if r.get("answer")} if ctx.g.reference_fallback else None
     global_pairs = refine_data.global_pairs(groups, max_per_question=ctx.g.global_pairs_per_question,
-                                            seed=ctx.config.seed, references=refs)
+                                            seed=ctx.seed, references=refs)
     local, skipped = refine_data.local_pairs([sorm_labels.LabelledSolution(**r) for r in labelled],
-                                             seed=ctx.config.seed, references=refs,
+                                             seed=ctx.seed, references=refs,
                                              from_rollouts=ctx.g.local_pairs_from_rollouts)
     return global_pairs, local, skipped
 
@@ -150,7 +161,7 @@ def label_quality(ctx: Context, labelled: Sequence[dict]) -> dict:
     Both variants are recomputed from the same saved rollouts, before
     balancing, so they differ only by the check.
     """
-    if ctx.config.data.task != "synthetic":
+    if ctx.task != "synthetic":
         return {}
     by_question = {r["question"]: r for r in ctx.train}
     sols = [sorm_labels.LabelledSolution(**r) for r in labelled]
@@ -163,16 +174,16 @@ def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str) -> 
     """ORM vs SORM step accuracy on policy samples of test questions, against ground truth."""
     test = ctx.test[:ctx.g.test_questions or None]
     samples = sample_solutions(ctx, models["policy"], test, ctx.g.value_eval_k, os.path.join(stage_dir, "samples"),
-                               "test samples", seed=ctx.config.seed + 2)
+                               "test samples", seed=ctx.seed + 2)
     items = [(r["question"], s) for r in samples for s in r["solutions"]]
     by_id = {r["id"]: r for r in test}
-    if ctx.config.data.task == "synthetic":
+    if ctx.task == "synthetic":
         truths = [value_eval.synthetic_truth(by_id[r["id"]], s) for r in samples for s in r["solutions"]]
         truth_name = "the synthetic step checker (exact first-error ground truth)"
     else:
         labelled = label_by_rollouts(ctx, models["policy"], [(r["question"], r["gold"], s) for r in samples
                                                              for s in r["solutions"]],
-                                     os.path.join(stage_dir, "rollouts"), balance=False, seed=ctx.config.seed + 3)
+                                     os.path.join(stage_dir, "rollouts"), balance=False, seed=ctx.seed + 3)
         truths = [r["labels"] for r in labelled]
         truth_name = f"held-out rollout labels (K={ctx.g.sorm_k})"
     solutions = [s for _, s in items]
@@ -196,7 +207,3 @@ def label_stats(labelled: Sequence[dict]) -> dict[str, Any]:
         for v in r["labels"]:
             counts[{1.0: "positive", 0.0: "negative"}.get(v, "masked")] += 1
     return dict(counts)
-
-
-def write_rows(stage_dir: str, rows: Sequence[dict]) -> str:
-    return records_path(stage_dir, "rows.jsonl", rows)

@@ -1,19 +1,22 @@
-"""Resumable stages on disk: nothing half-written, nothing done twice.
+"""Resumable stages on disk: nothing half-written, nothing done twice; a stage table run in order.
 
 Each stage owns `<workdir>/stages/<name>/` and is finished when its
 `done.json` exists; `done.json` is written last, by rename, so a crash
 leaves a stage either finished or resumable. Sampling stages write their
 output in shards (`shard_00003.jsonl`), each also by rename, and a rerun
 skips the shards already there; training stages resume from the trainer's
-own Orbax checkpoints.
+own Orbax checkpoints. `run_table` runs a table of stages (`recipe.table`),
+resolving each stage's declared inputs by name and checking its declared
+outputs exist when it finishes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from glore_jax.data.store import RecordsFile, write_records
@@ -25,12 +28,55 @@ def log(message: str) -> None:
     print(f"[glore] {message}", flush=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class StageIO:
+    """A running stage's directory and its declared inputs, resolved by name when first read."""
+
+    dir: str
+    reads: tuple[str, ...]
+    resolve: Callable[[str], Any]
+    timings: dict[str, float]   # seconds per stage so far (the report shows them)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.reads:
+            raise KeyError(f"this stage declares inputs {list(self.reads)}, not {name!r}")
+        return self.resolve(name)
+
+
 class Workspace:
     def __init__(self, workdir: str, total_stages: int):
         self.root = os.path.abspath(workdir)
         self.total = total_stages
         self.count = 0
         self.timings: dict[str, float] = {}
+        self.results: dict[str, Any] = {}
+
+    def run_table(self, table: Sequence[Any], load_model: Callable[[str, str], Any], context: Any,
+                  aliases: Mapping[str, str] = {}) -> dict[str, Any]:
+        """Runs `table` in order; returns every stage's summary.
+
+        A name read resolves through `aliases`, then: `x.summary` -> stage x's
+        summary, `x.jsonl` -> that file in the directory of the stage that
+        writes it, anything else -> `load_model(name, directory of its stage)`.
+        """
+        writers = {w: stage.name for stage in table for w in stage.writes}
+
+        def resolve(name: str) -> Any:
+            name = aliases.get(name, name)
+            if name.endswith(".summary"):
+                return self.results[name.removesuffix(".summary")]
+            if name not in writers:
+                raise KeyError(f"no stage writes {name!r}")
+            d = self.stage_dir(writers[name])
+            return os.path.join(d, name) if name.endswith(".jsonl") else load_model(name, d)
+
+        for stage in table:
+            io = StageIO(dir=self.stage_dir(stage.name), reads=stage.reads, resolve=resolve, timings=self.timings)
+            self.results[stage.name] = self.run(stage.name, lambda d, stage=stage, io=io: stage.run(context, io))
+            missing = [w for w in stage.writes if w.endswith(".jsonl") and not os.path.exists(os.path.join(io.dir, w))]
+            if missing:
+                raise RuntimeError(f"stage {stage.name} finished without writing its declared outputs {missing}")
+        return self.results
 
     def stage_dir(self, name: str) -> str:
         return os.path.join(self.root, "stages", name)

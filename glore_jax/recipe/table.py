@@ -1,0 +1,203 @@
+"""The GLoRe recipe as a table of stages: what each reads, what it writes, and the function that runs it.
+
+Artefacts are named, and the workspace resolves a name to the stage that
+writes it (`recipe.workspace.Workspace.run_table`):
+  `x.jsonl`      a records file in the writing stage's directory;
+  `x.summary`    the JSON summary stage `x` returned (its `done.json`);
+  a stage name   the model a training stage trained (loaded when first read).
+A stage function gets the shared `Context` and a `StageIO` (its directory and
+its resolved inputs) and returns its JSON summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from glore_jax.data.store import RecordsFile
+from glore_jax.recipe import inference as inference_lib, report as report_lib, sorm_labels, stages as S
+from glore_jax.recipe.config import GloreConfig
+from glore_jax.recipe.workspace import StageIO, records_path
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Stage:
+    name: str
+    does: str                                        # one line, for the README's table
+    run: Callable[[S.Context, StageIO], dict]
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    trains: str = ""                                 # the `stages.<key>` config a training stage uses
+
+
+def _train(name: str, key: str, does: str, records: str | None, init: str | None) -> Stage:
+    """A training stage: its model is the artefact named like the stage."""
+    def run(ctx: S.Context, io: StageIO) -> dict:
+        cfg, params = ctx.models[name] = ctx.train_model(key, io.dir, records=io[records] if records else ctx.train,
+                                                         init=io[init] if init else None)
+        return {"model": os.path.join(io.dir, "model"), "params_m": cfg.num_params() / 1e6}
+    return Stage(name=name, does=does, run=run, reads=tuple(x for x in (records, init) if x), writes=(name,),
+                 trains=key)
+
+
+def _ei_samples(r: int, policy: str) -> Stage:
+    def run(ctx: S.Context, io: StageIO) -> dict:
+        samples = S.sample_solutions(ctx, io[policy], ctx.questions, ctx.g.ei_k, io.dir, f"EI round {r} samples",
+                                     seed=100 + r)
+        records, kept = S.expert_iteration_records(ctx, samples)
+        records_path(io.dir, f"ei_{r}_records.jsonl", records)
+        return {**S.summarize_samples(samples), "kept_correct_distinct": kept,
+                "val_greedy_accuracy": S.greedy_accuracy(ctx, io[policy], ctx.val)}
+    return Stage(name=f"ei_{r}_samples", does="K samples per train question, graded; SFT set + distinct correct",
+                 run=run, reads=(policy,), writes=(f"ei_{r}_records.jsonl",))
+
+
+def _orm_samples(ctx: S.Context, io: StageIO) -> dict:
+    samples = S.sample_solutions(ctx, io["policy_final"], ctx.questions, ctx.g.orm_k, io.dir, "ORM samples", seed=200)
+    records_path(io.dir, "orm_records.jsonl", S.orm_records(samples))
+    return {**S.summarize_samples(samples), "val_greedy_accuracy": S.greedy_accuracy(ctx, io["policy_final"], ctx.val)}
+
+
+def _sorm_labels(ctx: S.Context, io: StageIO) -> dict:
+    samples = sorm_labels.subsample(list(RecordsFile(io["orm_records.jsonl"])), ctx.g.sorm_solutions, seed=ctx.seed)
+    items = [(r["question"], r["gold"], r["solution"]) for r in samples]
+    labelled = S.label_by_rollouts(ctx, io["policy_final"], items, io.dir, balance=ctx.g.balance, seed=ctx.seed)
+    records_path(io.dir, "sorm_labels.jsonl", labelled)     # labels with their rollouts, for inspection/reuse
+    records_path(io.dir, "sorm_records.jsonl", [{"question": r["question"], "solution": r["solution"],
+                                                 "step_labels": r["labels"]} for r in labelled])
+    return {"solutions": len(labelled), "questions": len({r["question"] for r in samples}),
+            "wrong_solutions": sum(not r["correct"] for r in samples), **S.label_stats(labelled),
+            "label_quality": S.label_quality(ctx, labelled)}
+
+
+def _refine_data(ctx: S.Context, io: StageIO) -> dict:
+    groups: dict[str, dict] = {}  # ORM records (one per sample) back into per-question groups
+    for r in RecordsFile(io["orm_records.jsonl"]):
+        groups.setdefault(r["question"], {"question": r["question"], "gold": r["gold"], "solutions": []})
+        groups[r["question"]]["solutions"].append(r["solution"])
+    global_pairs, local_pairs, skipped = S.refinement_records(ctx, list(groups.values()),
+                                                              list(RecordsFile(io["sorm_labels.jsonl"])))
+    records_path(io.dir, "global_records.jsonl", global_pairs)
+    records_path(io.dir, "local_records.jsonl", local_pairs)
+    if not global_pairs or not local_pairs:
+        raise RuntimeError(f"no refinement pairs (global {len(global_pairs)}, local {len(local_pairs)}; "
+                           f"local skipped: {skipped}): sample more (glore.orm_k, glore.train_questions) "
+                           "or enable glore.reference_fallback")
+    by_source = {kind: dict(sorted(Counter(p["source"] for p in pairs).items()))
+                 for kind, pairs in (("global", global_pairs), ("local", local_pairs))}
+    return {"global_pairs": len(global_pairs), "local_pairs": len(local_pairs), "by_source": by_source,
+            "local_skipped": skipped}
+
+
+MODELS = ("policy_final", "orm", "sorm", "global_refiner", "local_refiner")
+VALUE_EVAL_MODELS = ("policy_final", "orm", "sorm")
+
+
+def _models(io: StageIO, names: tuple[str, ...] = MODELS) -> dict:
+    return {("policy" if m == "policy_final" else m): io[m] for m in names}
+
+
+def _calibrate(ctx: S.Context, io: StageIO) -> dict:
+    rows = S.inference_rows(ctx, _models(io), ctx.val, seed=ctx.seed + 4)
+    records_path(io.dir, "val_rows.jsonl", rows)
+    g = ctx.g
+    threshold = inference_lib.calibrate_threshold(rows) if g.orm_threshold < 0 else g.orm_threshold
+    return {"orm_threshold": threshold, "val_questions": len(rows),
+            "val_results": {k: v for k, v in inference_lib.summarize(rows, threshold).items() if isinstance(v, float)}}
+
+
+def _inference(ctx: S.Context, io: StageIO) -> dict:
+    rows = S.inference_rows(ctx, _models(io), ctx.test[:ctx.g.test_questions or None], seed=ctx.seed + 1)
+    records_path(io.dir, "test_rows.jsonl", rows)
+    return inference_lib.summarize(rows, io["calibrate.summary"]["orm_threshold"])
+
+
+def _value_eval(ctx: S.Context, io: StageIO) -> dict:
+    evals, truth = S.value_evaluation(ctx, _models(io, VALUE_EVAL_MODELS), io.dir)
+    return {"evals": evals, "truth": truth}
+
+
+def _report(ctx: S.Context, io: StageIO) -> dict:
+    import jax
+    g, summary = ctx.g, {k.removesuffix(".summary"): io[k] for k in io.reads}
+    value = summary["value_eval"]
+    rep = {
+        "task": ctx.task, "preset": ctx.preset, "seed": ctx.seed, "num_test": len(ctx.test[:g.test_questions or None]),
+        "results": {**summary["inference"],
+                    **{f"{m}_{k}": value["evals"][m][k] for m in ("orm", "sorm")
+                       for k in ("step_accuracy", "final_accuracy", "step_auroc", "step_balanced_accuracy",
+                                 "final_auroc", "where_accuracy")},
+                    **_label_results(summary["sorm_labels"], g.check_intermediate),
+                    "refine_pairs_by_source": summary["refine_data"]["by_source"]},
+        "expert_iteration": _ei_effect(summary, g.ei_rounds),
+        "value_eval": value["evals"], "step_truth": value["truth"],
+        "stages": {k.removesuffix("_samples") if k.startswith("ei_") else k: v for k, v in summary.items()
+                   if k.startswith("ei_") or k in ("orm_samples", "sorm_labels", "refine_data", "calibrate")},
+        "timings": dict(io.timings), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                  "devices": [str(x) for x in jax.devices()]},
+        "config": ctx.config_dict,
+    }
+    root = os.path.dirname(os.path.dirname(io.dir))
+    print(report_lib.write_report(rep, root), flush=True)
+    return {"report": os.path.join(root, "report.json")}
+
+
+def _label_results(labels_summary: dict, check_intermediate: bool) -> dict:
+    """SORM label precision/recall against exact truth, for the check setting the run used."""
+    quality = labels_summary.get("label_quality", {}).get(f"check_{'on' if check_intermediate else 'off'}", {})
+    return {"sorm_label_precision": quality.get("precision", float("nan")),
+            "sorm_label_recall": quality.get("recall", float("nan"))}
+
+
+def _ei_effect(summary: dict, rounds: int) -> dict:
+    """Expert Iteration's effect: validation greedy accuracy and train-question sample accuracy, before/after."""
+    if not rounds:
+        return {"rounds": 0}
+    first, last = summary["ei_1_samples"], summary["orm_samples"]
+    return {"rounds": rounds, "val_greedy_before": first["val_greedy_accuracy"],
+            "val_greedy_after": last["val_greedy_accuracy"], "sample_accuracy_before": first["sample_accuracy"],
+            "sample_accuracy_after": last["sample_accuracy"],
+            "distinct_correct_added": sum(summary[f"ei_{r}_samples"]["kept_correct_distinct"]
+                                          for r in range(1, rounds + 1))}
+
+
+def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
+    """The recipe, in order, and the aliases it reads through: `policy_final` is the last EI round's policy."""
+    table = [_train("policy", "policy", "SFT on the train split, less the validation questions", None, None)]
+    for r in range(1, g.ei_rounds + 1):
+        previous = "policy" if r == 1 else f"ei_{r - 1}"
+        table += [_ei_samples(r, previous),
+                  # The paper re-fine-tunes from the base model each round (here: a fresh init or init_from).
+                  _train(f"ei_{r}", "ei", "SFT on the SFT set plus the round's distinct correct samples",
+                         f"ei_{r}_records.jsonl", None if g.ei_from_base else previous)]
+    final = f"ei_{g.ei_rounds}" if g.ei_rounds else "policy"
+    aliases = {"policy_final": final}
+    table += [
+        Stage(name="orm_samples", does="the final policy's samples, labelled by final answer", run=_orm_samples,
+              reads=("policy_final",), writes=("orm_records.jsonl",)),
+        _train("orm", "orm", "value model from the policy, ORM labels", "orm_records.jsonl", "policy_final"),
+        Stage(name="sorm_labels", does="K rollouts per step prefix of a subsample across questions -> step labels",
+              run=_sorm_labels, reads=("orm_records.jsonl", "policy_final"),
+              writes=("sorm_labels.jsonl", "sorm_records.jsonl")),
+        _train("sorm", "sorm", "value model from the policy, SORM step labels", "sorm_records.jsonl", "policy_final"),
+        Stage(name="refine_data", does="global pairs (wrong -> right) and local pairs ([BAD] -> verified rollout)",
+              run=_refine_data, reads=("orm_records.jsonl", "sorm_labels.jsonl"),
+              writes=("global_records.jsonl", "local_records.jsonl")),
+        _train("global_refiner", "global_refiner", "SFT on global pairs", "global_records.jsonl", "policy_final"),
+        _train("local_refiner", "local_refiner", "SFT on local pairs", "local_records.jsonl", "policy_final"),
+        Stage(name="calibrate", does="every candidate on the validation questions -> the ORM gate's threshold",
+              run=_calibrate, reads=MODELS, writes=("val_rows.jsonl",)),
+        Stage(name="inference", does="greedy draft; ORM decides when, SORM where; global + local; ORM rerank",
+              run=_inference, reads=MODELS + ("calibrate.summary",), writes=("test_rows.jsonl",)),
+        Stage(name="value_eval", does="ORM vs SORM against ground truth: AUROC, balanced and where-accuracy",
+              run=_value_eval, reads=VALUE_EVAL_MODELS),
+        Stage(name="report", does="report.json, report.md, plots", run=_report,
+              reads=tuple(f"{s.name}.summary" for s in table if s.name.startswith("ei_") and s.name.endswith("samples"))
+              + ("orm_samples.summary", "sorm_labels.summary", "refine_data.summary", "calibrate.summary",
+                 "inference.summary", "value_eval.summary")),
+    ]
+    return table, aliases
