@@ -165,7 +165,8 @@ def train(config: ConfigDict | Experiment, *, objective: str | Objective | None 
     prompt_format = obj.check_format(exp.data.prompt_format)
     resolve = lambda given, split, path: inputs.resolve_source(  # noqa: E731
         exp.data, prompt_format, given, split, path, seed=exp.seed)
-    train_records = resolve(records, exp.data.split, exp.data.records)
+    # A custom source may bring its own experience: then the configured data is only read if passed.
+    train_records = resolve(records, exp.data.split, exp.data.records) if source is None or records else None
     if train_records is None and source is None:
         raise ValueError("no training data: set data.split, data.records or pass records=...")
     tx = state_lib.optimizer(exp.train)
