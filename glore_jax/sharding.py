@@ -37,7 +37,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
-    ("value_out", None),
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

@@ -226,3 +226,21 @@ def test_unrolled_decode_with_shared_prefix_matches_full_forward(params, tie):
     np.testing.assert_allclose(np.concatenate(got, 1), np.asarray(full[:, 6:]), atol=2e-5, rtol=1e-5)
     assert (np.asarray(cache.pos)[:, :5] == np.arange(6, 11)).all() and (np.asarray(cache.pos)[:, 5:] == -1).all()
     assert cache.grow(12).length == 12 and (np.asarray(cache.grow(12).pos)[:, 8:] == -1).all()
+
+
+def test_mlp_decode_view_agrees_with_the_one_param_layout():
+    """The sampler's fused gate_up view (derived, never saved) computes the training layout's MLP."""
+    from glore_jax.models.decoding import decode_weights
+    from glore_jax.models.layers import GATE_UP, MLP
+    params = M.init_params(TINY, jax.random.key(5))
+    _, layers = decode_weights(TINY, params)
+    x = jax.random.normal(jax.random.key(6), (2, 3, TINY.embed_dim))
+    stacked = params["backbone"]["layers"]["mlp"]
+    for i, layer in enumerate(layers):
+        plain = {k: v[i] for k, v in stacked.items()}
+        assert set(plain) == {"gate", "up", "down"} and GATE_UP in layer["mlp"]
+        want = MLP(TINY).apply({"params": plain}, x)
+        got = MLP(TINY).apply({"params": layer["mlp"]}, x)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    saved = jax.tree_util.tree_flatten_with_path(params)[0]
+    assert not any(GATE_UP in jax.tree_util.keystr(path) for path, _ in saved)

@@ -18,6 +18,7 @@ from glore_jax.sharding import make_mesh
 from glore_jax.tasks import generate_split
 from glore_jax.tokenizer import train_tokenizer
 from glore_jax.training.checkpoints import Checkpoints
+from glore_jax.training.evals import GenerationEval
 from tests import onpolicy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,8 +33,19 @@ def warm_policy(tmp_path_factory):
     train_tokenizer((t for r in records for t in (r["question"], r["answer"])), 512, tok)
     c = onpolicy.config(root / "sft", tok, "", 150)
     c.init_from, c.train.learning_rate, c.train.warmup_steps, c.train.log_every = "", 1e-2, 10, 50
-    trainer.train(c, objective="sft", records=records, mesh=make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    c.train.eval_every = 75
+    held_out = list(generate_split(onpolicy.TASK, "test"))
+    trainer.train(c, objective="sft", records=records, mesh=make_mesh((1, 1, 1), devices=jax.devices()[:1]),
+                  evaluators=[lambda run: GenerationEval(run, held_out, max_new=40, rows=8)])
     return tok, str(root / "sft")
+
+
+def test_generation_eval_runs_in_the_loop(warm_policy):
+    """Greedy accuracy on held-out questions, logged on the eval steps beside the training metrics."""
+    rows = [r for r in _metrics(pathlib.Path(warm_policy[1])) if "eval_accuracy" in r]
+    assert [r["step"] for r in rows] == [75, 150]
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows) and "loss" in rows[-1]
+    assert rows[-1]["eval_accuracy"] > 0   # 150 SFT steps on one-step sums answer some of them
 
 
 def _metrics(workdir):

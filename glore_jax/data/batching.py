@@ -145,7 +145,6 @@ class BatchIterator:
         dataset = dataset.repeat(config.num_epochs)  # reseeds the shuffle each epoch
         dataset = dataset.map(_FormatRow(format_fn, config.max_len, pad_id))
         dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
-        self._dataset = dataset
         self._iter = iter(dataset.to_iter_dataset())
         self.stats = dict.fromkeys(_STAT_KEYS, 0)
 

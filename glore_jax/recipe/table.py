@@ -31,7 +31,6 @@ class Stage:
     run: Callable[[S.Context, StageIO], dict]
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
-    trains: str = ""                                 # the `stages.<key>` config a training stage uses
 
 
 def _train(name: str, key: str, does: str, records: str | None, init: str | None) -> Stage:
@@ -40,8 +39,7 @@ def _train(name: str, key: str, does: str, records: str | None, init: str | None
         cfg, params = ctx.models[name] = ctx.train_model(key, io.dir, records=io[records] if records else ctx.train,
                                                          init=io[init] if init else None)
         return {"model": os.path.join(io.dir, "model"), "params_m": cfg.num_params() / 1e6}
-    return Stage(name=name, does=does, run=run, reads=tuple(x for x in (records, init) if x), writes=(name,),
-                 trains=key)
+    return Stage(name=name, does=does, run=run, reads=tuple(x for x in (records, init) if x), writes=(name,))
 
 
 def _ei_samples(r: int, policy: str) -> Stage:
