@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glore_jax import objectives, trainer
+from glore_jax import data, objectives, trainer
 from glore_jax.data.labelled import SyntheticLabelled
 from glore_jax.data.store import RecordsFile, write_records
 from glore_jax.models import checkpoints as model_checkpoints, init_params, preset
@@ -244,3 +244,59 @@ def test_sigterm_saves_current_step_and_restart_resumes(task_records, tokenizer_
     assert f"resuming {tmp_path / 'run'} from step {step}" in out, out[-3000:]
     assert [r["step"] for r in json.loads("[" + ",".join(metrics.read_text().splitlines()) + "]")][-3:] == \
         [step, step + 1, step + 2]
+
+
+def test_batches_carry_record_fields_and_arrays_of_any_rank(task_records, tokenizer_path, tmp_path):
+    """Offline batches bring each row's id and gold on the host; a source may add rank-3 arrays,
+    which shard over an 8-device mesh and split into micro-batches like the rest."""
+    seen = []
+
+    def hook(step, batch):
+        seen.append((batch["id"], batch["gold"]))
+        b, t = batch["tokens"].shape
+        extra = np.broadcast_to(np.arange(b, dtype=np.float32)[:, None, None], (b, t, 2))
+        mesh = batch["tokens"].sharding.mesh
+        return {**batch, **data.put_local(mesh, {"extra": extra})}
+
+    c = _config(tokenizer_path, tmp_path, total_steps=2, grad_accum=2, warmup_steps=0)
+    trainer.train(c, source=_hooked(hook), records=task_records, mesh=make_mesh((2, 2, 2)))
+    by_id = {r["id"]: r["gold"] for r in task_records}
+    assert len(seen) == 2 and all(len(ids) == c.train.batch_size for ids, _ in seen)
+    assert all(by_id[i] == g for ids, golds in seen for i, g in zip(ids, golds))
+
+
+_derivations = []
+
+
+def _counting_derive(params):
+    # Each derivation differs, so a resumed run shows whether it restored the saved tree or derived a new one.
+    _derivations.append(1)
+    return jax.tree_util.tree_map(lambda x: x + float(len(_derivations)), params)
+
+
+def _frozen_sft(checkpoint: bool):
+    def loss(params, batch, rng, model, frozen):
+        total, metrics = objectives.get("sft").loss_fn(params, batch, rng, model)
+        leaf = jax.tree_util.tree_leaves(frozen["reference"])[0]
+        return total, {**metrics, "frozen_mean": objectives.pair(jnp.mean(leaf), 1.0)}
+    return dataclasses.replace(objectives.get("sft"), name="frozen_sft", loss_fn=loss,
+                               frozen=(objectives.FrozenSpec(name="reference", derive=_counting_derive,
+                                                             checkpoint=checkpoint),))
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_frozen_slot_is_saved_or_derived_again_as_declared(checkpoint, task_records, tokenizer_path, one_device,
+                                                           tmp_path):
+    _derivations.clear()
+    c = _config(tokenizer_path, tmp_path, total_steps=6, checkpoint_every=2, log_every=1)
+    with pytest.raises(_Crash):
+        trainer.train(c, objective=_frozen_sft(checkpoint), source=_crash_at(3), records=task_records,
+                      mesh=one_device)
+    trainer.train(c, objective=_frozen_sft(checkpoint), records=task_records, mesh=one_device)
+    means = [r["frozen_mean"] for r in _metrics(tmp_path)]
+    info = Checkpoints(c.workdir, max_to_keep=2).restore_info(6)
+    assert info["frozen"] == (["reference"] if checkpoint else [])
+    if checkpoint:   # restored: the first derivation's tree all along
+        assert len(_derivations) == 1 and len(set(means)) == 1
+    else:            # derived again on resume (here deliberately different, to show which path ran)
+        assert len(_derivations) == 2 and means[2] != means[1]
