@@ -119,7 +119,9 @@ def test_batch_has_global_shape_and_sharding(gsm8k_dir, shared_dir):
     batches = data.BatchIterator(train, lambda r: prompts.value_example(tok, r["question"], r["answer"]),
                                  config, mesh, pad_id=tok.pad_id)
     batch = next(batches)
-    assert set(batch) == set(data.BATCH_KEYS)
+    assert set(batch) == set(data.BATCH_KEYS) | set(data.HOST_FIELDS)
+    assert len(batch["id"]) == 16 and all(i.startswith("gsm8k-train-") for i in batch["id"])
+    assert len(batch["gold"]) == 16 and all(isinstance(g, str) and g for g in batch["gold"])
     expected = {"tokens": np.int32, "loss_mask": np.float32, "step_end_mask": np.float32,
                 "step_labels": np.float32, "segment_ids": np.int32, "positions": np.int32}
     for key, dtype in expected.items():
