@@ -19,35 +19,23 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glore_jax import convert
-from glore_jax import models as M
-from glore_jax import sampling as S
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks.common import best_time, cpu_info  # noqa: E402
+from glore_jax import convert  # noqa: E402
+from glore_jax import models as M  # noqa: E402
+from glore_jax import sampling as S  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "mistral-7b-v0.1" / "tokenizer.model"
-
-
-def _best_time(fn, repeats: int) -> float:
-    """Fastest of `repeats` timed runs after a warm-up: on a shared machine, noise only adds time,
-    so the minimum is the steadiest estimate (as `timeit` reports it), for both frameworks alike."""
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _prompts(rng, batch, length, vocab):
@@ -76,7 +64,7 @@ def bench_ours_decode(cfg, params, batch, prompt_len, new, repeats):
     lens = np.full((batch,), prompt_len, np.int32)
     run = lambda: sampler.sample(params, toks, lens, max_new=new, strategy=S.SamplingStrategy(),
                                  stop=S.StopCondition()).tokens.block_until_ready()
-    return batch * new / _best_time(run, repeats)
+    return batch * new / best_time(run, repeats)
 
 
 def bench_hf_decode(hf_dir, vocab, cases, prompt_len, new, repeats) -> dict[tuple[int, str], float]:
@@ -107,7 +95,7 @@ def _hf_worker(job: str) -> None:
                 hf.generate(input_ids=toks, attention_mask=torch.ones_like(toks), max_new_tokens=job["new"],
                             min_new_tokens=job["new"], do_sample=False, use_cache=True, pad_token_id=0,
                             eos_token_id=None)
-        result.append((batch, dtype, batch * job["new"] / _best_time(run, job["repeats"])))
+        result.append((batch, dtype, batch * job["new"] / best_time(run, job["repeats"])))
     print(json.dumps(result))
 
 
@@ -125,7 +113,7 @@ def bench_no_cache(cfg, params, batch, prompt_len, new, repeats):
 
     buf = np.zeros((batch, total), np.int32)
     buf[:, :prompt_len] = _prompts(np.random.default_rng(batch), batch, prompt_len, cfg.vocab_size)
-    return batch * new / _best_time(lambda: loop(params, buf).block_until_ready(), repeats)
+    return batch * new / best_time(lambda: loop(params, buf).block_until_ready(), repeats)
 
 
 def bench_prefill(cfg, params, batch, length, repeats):
@@ -133,7 +121,7 @@ def bench_prefill(cfg, params, batch, length, repeats):
     toks = _prompts(np.random.default_rng(0), batch, length, cfg.vocab_size)
     lens = np.full((batch,), length, np.int32)
     run = lambda: sampler.prefill(params, sampler.put_rows(toks), sampler.put_rows(lens))[1].block_until_ready()
-    return batch * length / _best_time(run, repeats)
+    return batch * length / best_time(run, repeats)
 
 
 def bench_rollouts(cfg, params, n, k, new, repeats):
@@ -150,7 +138,7 @@ def bench_rollouts(cfg, params, n, k, new, repeats):
     def run(share):
         return lambda: sampler.rollouts(params, toks, lens, k=k, max_new=new, strategy=strat,
                                         stop=S.StopCondition(), share_prefix=share).tokens.block_until_ready()
-    shared, naive = _best_time(run(True), repeats), _best_time(run(False), repeats)
+    shared, naive = best_time(run(True), repeats), best_time(run(False), repeats)
     return {"n_prefixes": n, "k": k, "new_tokens": new, "prefix_len_mean": float(np.mean(lengths)),
             "prefix_len_bucket": width, "shared_s": shared, "naive_s": naive,
             "prefix_sharing_speedup": naive / shared}
@@ -171,8 +159,7 @@ def main():
     cfg = M.preset("demo")
     params = M.init_params(cfg, jax.random.key(0))
     results = {"preset": "demo", "params_m": cfg.num_params() / 1e6, "prompt_len": prompt_len,
-               "new_tokens": new, "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
-               "machine": platform.machine(), "jax": jax.__version__,
+               "new_tokens": new, "device": str(jax.devices()[0]), **cpu_info(), "jax": jax.__version__,
                "prefill_tokens_per_s": bench_prefill(cfg, params, 8, 256, repeats), "decode": {}}
     ours = {b: bench_ours_decode(cfg, params, b, prompt_len, new, repeats) for b in batches}
     # bf16 compute (what configs/demo.py trains and samples with), both frameworks, batch 32 only.
@@ -194,7 +181,7 @@ def main():
     results["prefix_sharing_speedup"] = results["rollouts"]["prefix_sharing_speedup"]
 
     print(f"demo preset ({results['params_m']:.1f}M params), prompt {prompt_len}, {new} new tokens, "
-          f"{results['device']}, {os.cpu_count()} CPUs")
+          f"{results['device']}, {results['cpu']} ({os.cpu_count()} CPUs, native bf16: {results['native_bf16']})")
     print(f"prefill: {results['prefill_tokens_per_s']:,.0f} tokens/s (batch 8 x 256)")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'no-cache':>10} {'vs HF':>7}")
     for b, r in results["decode"].items():

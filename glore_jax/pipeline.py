@@ -58,6 +58,8 @@ def run(config) -> dict:
     # One data dir for every stage: the datasets are built and the tokenizer
     # trained once, and every model reads the same ids.
     config.data.data_dir = config.data.data_dir or os.path.join(os.path.abspath(config.workdir), "data")
+    # "auto" is resolved once per workdir and recorded, so a resumed run never switches dtype midway.
+    config.model.dtype = _pinned_dtype(config.workdir, config.model.dtype)
     config.lock()
     exp, g = train_config.experiment(config), GloreConfig.from_config(config.glore)
     mesh = sharding.make_mesh(exp.mesh)
@@ -80,6 +82,21 @@ def run(config) -> dict:
     ws.run_table(table, ctx.load_model, ctx, aliases)
     with open(os.path.join(ws.root, "report.json")) as f:
         return json.load(f)
+
+
+def _pinned_dtype(workdir: str, dtype: str | None) -> str | None:
+    if dtype != "auto":
+        return dtype
+    from glore_jax import hardware
+    path = os.path.join(os.path.abspath(workdir), "hardware.json")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        choice = {"dtype": hardware.fastest_dtype(), "cpu_bf16_flags": hardware.cpu_bf16_flags()}
+        with open(path + ".tmp", "w") as f:
+            json.dump(choice, f)
+        os.replace(path + ".tmp", path)
+    with open(path) as f:
+        return json.load(f)["dtype"]
 
 
 def _stage_experiment(config, stage: str, stage_config):

@@ -61,9 +61,10 @@ class Run:
     records: inputs.Source
     eval_records: inputs.Source | None
 
-    def pipeline(self, *, shuffle: bool = True) -> data.PipelineConfig:
+    def pipeline(self, *, shuffle: bool = True, pack: bool | None = None) -> data.PipelineConfig:
         return data.PipelineConfig(global_batch_size=self.exp.train.batch_size, max_len=self.exp.data.max_len,
-                                   seed=self.exp.seed, shuffle=shuffle)
+                                   seed=self.exp.seed, shuffle=shuffle,
+                                   pack=self.exp.data.pack if pack is None else pack)
 
     def offline(self) -> OfflineSource:
         """The default source: `records` formatted, shuffled each epoch, resumable."""
@@ -193,7 +194,7 @@ def _loss_eval(run: Run) -> LossEval | None:
     if run.eval_records is None:
         return None
     batches = inputs.batches(run.eval_records, run.prompt_format, run.tokenizer, run.mesh,
-                             run.pipeline(shuffle=False))
+                             run.pipeline(shuffle=False, pack=False))
     eval_step = state_lib.make_eval_step(run.objective, run.model, run.mesh)
     return LossEval(eval_step, [next(batches) for _ in range(run.exp.train.eval_batches)])
 

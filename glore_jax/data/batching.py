@@ -5,11 +5,13 @@ Batch dict (every array [B, T], B the global batch, T = max_len):
     loss_mask      float32  1 where the token is an LM target (see glore_jax.prompts)
     step_end_mask  float32  1 at the last token of each step and of the final line
     step_labels    float32  value targets at step ends, -1 elsewhere
-    segment_ids    int32    1 on real tokens, 0 on padding (one sequence per row: no packing)
-    positions      int32    0..len-1 on real tokens, 0 on padding
+    segment_ids    int32    1 on real tokens, 0 on padding; packed: 1, 2, ... per document
+    positions      int32    0..len-1 on real tokens (per document when packed), 0 on padding
 and, host-side only (lists of str, this process's rows), the record fields a
 reward or a generation eval needs:
-    id, gold       the record's `id` and `gold` ('' when the record has none)
+    id, gold       the record's `id` and `gold` ('' when the record has none);
+                   packed: per row, the list of its documents' values
+With `PipelineConfig.pack`, rows hold several examples each (`data.packing`).
 
 Each JAX process reads only its own shard of the source (a strided slice,
 equal-sized, remainder dropped), shuffles it with a per-epoch seed, formats
@@ -28,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from glore_jax.data.packing import ROW_KEYS, Packer
 from glore_jax.prompts import Example, fit
 from glore_jax.sharding import batch_sharding
 
@@ -84,6 +87,7 @@ class PipelineConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
+    pack: bool = False             # several examples per row, each its own segment (see data.packing)
 
     def __post_init__(self):
         if self.global_batch_size <= 0 or self.max_len <= 0:
@@ -105,14 +109,16 @@ def shard_for_process(dataset: grain.MapDataset, process_index: int, process_cou
 
 
 class _FormatRow:
-    """Grain map: record -> padded row plus its truncation flags (picklable for workers)."""
+    """Grain map: record -> padded row (unpadded with `pad=False`) plus its truncation flags (picklable)."""
 
-    def __init__(self, format_fn: Callable[[dict], Example], max_len: int, pad_id: int):
-        self.format_fn, self.max_len, self.pad_id = format_fn, max_len, pad_id
+    def __init__(self, format_fn: Callable[[dict], Example], max_len: int, pad_id: int, pad: bool = True):
+        self.format_fn, self.max_len, self.pad_id, self.pad = format_fn, max_len, pad_id, pad
 
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         fitted = fit(self.format_fn(record), self.max_len)
-        row = pad_example(fitted.example, self.max_len, self.pad_id)
+        ex = fitted.example
+        row = (pad_example(ex, self.max_len, self.pad_id) if self.pad else
+               {k: getattr(ex, k) for k in ROW_KEYS})
         row["prompt_truncated"] = np.asarray(fitted.prompt_truncated)
         row["target_truncated"] = np.asarray(fitted.target_truncated)
         for key in HOST_FIELDS:
@@ -143,21 +149,32 @@ class BatchIterator:
         if config.shuffle:
             dataset = dataset.shuffle(seed=config.seed)
         dataset = dataset.repeat(config.num_epochs)  # reseeds the shuffle each epoch
-        dataset = dataset.map(_FormatRow(format_fn, config.max_len, pad_id))
-        dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
-        self._iter = iter(dataset.to_iter_dataset())
+        dataset = dataset.map(_FormatRow(format_fn, config.max_len, pad_id, pad=not config.pack))
+        if config.pack:
+            self._iter = Packer(iter(dataset.to_iter_dataset()), self.local_batch_size, config.max_len, pad_id)
+        else:
+            dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
+            self._iter = iter(dataset.to_iter_dataset())
         self.stats = dict.fromkeys(_STAT_KEYS, 0)
 
     def __iter__(self) -> "BatchIterator":
         return self
 
     def __next__(self) -> dict[str, Any]:
-        local = next(self._iter)
-        self.stats["examples"] += int(local["tokens"].shape[0])
-        self.stats["prompt_truncated"] += int(local.pop("prompt_truncated").sum())
-        self.stats["target_truncated"] += int(local.pop("target_truncated").sum())
-        return {**put_local(self.mesh, {k: local[k] for k in BATCH_KEYS}),
-                **{k: [str(x) for x in local[k]] for k in HOST_FIELDS}}
+        if self.config.pack:
+            local, rows = self._iter.next()
+            docs = [ex for row in rows for ex in row]
+            host = {k: [[str(ex[k]) for ex in row] for row in rows] for k in HOST_FIELDS}
+            flags = {k: sum(int(ex[k]) for ex in docs) for k in ("prompt_truncated", "target_truncated")}
+            self.stats["examples"] += len(docs)
+        else:
+            local = next(self._iter)
+            host = {k: [str(x) for x in local[k]] for k in HOST_FIELDS}
+            flags = {k: int(local[k].sum()) for k in ("prompt_truncated", "target_truncated")}
+            self.stats["examples"] += int(local["tokens"].shape[0])
+        for k, v in flags.items():
+            self.stats[k] += v
+        return {**put_local(self.mesh, {k: local[k] for k in BATCH_KEYS}), **host}
 
     def get_state(self) -> dict[str, Any]:
         return {"grain": self._iter.get_state(), "stats": dict(self.stats)}

@@ -124,17 +124,18 @@ class Attention(nn.Module):
         wv = param(self, "v", (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
         wo = param(self, "o", (c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"))
 
-        x = x.astype(dt)
-        q = jnp.einsum("bte,ehd->bthd", x, wq.astype(dt))
-        k = jnp.einsum("bte,ehd->bthd", x, wk.astype(dt))
-        v = jnp.einsum("bte,ehd->bthd", x, wv.astype(dt))
+        b, t, e = x.shape
+        # Projections on [B*T, E] rows (see `MLP`): the 3-D einsums' backward was slower on XLA:CPU.
+        x2 = x.astype(dt).reshape(b * t, e)
+        project = lambda w: (x2 @ w.astype(dt).reshape(e, -1)).reshape(b, t, w.shape[1], w.shape[2])  # noqa: E731
+        q, k, v = project(wq), project(wk), project(wv)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads",
                           "activation_head_dim"))
         q = apply_rope(q, positions, c.rope_theta)
         k = apply_rope(k, positions, c.rope_theta)
 
-        b, t, _, d = q.shape
+        d = q.shape[-1]
         kvh, g = c.num_kv_heads, c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, kvh, g, d) * jnp.asarray(d ** -0.5, dt)
 
@@ -190,8 +191,8 @@ class Attention(nn.Module):
                         ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         # A plain [B, T, H*D] @ [H*D, E] matmul: as a two-axis contraction,
         # XLA:CPU chose to transpose `wo` inside the decode loop at every step.
-        out = out.reshape(b, t, c.num_heads * d) @ wo.astype(dt).reshape(c.num_heads * d, c.embed_dim)
-        return constrain(out, ("activation_batch", "activation_length", "activation_embed")), returned
+        out = out.reshape(b * t, c.num_heads * d) @ wo.astype(dt).reshape(c.num_heads * d, c.embed_dim)
+        return constrain(out.reshape(b, t, e), ("activation_batch", "activation_length", "activation_embed")), returned
 
 
 # The one parameter layout is `gate` [E, F] and `up` [E, F]: what init, training,
@@ -210,22 +211,25 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         dt = c.compute_dtype
-        x = x.astype(dt)
+        b, t, e = x.shape
+        # Matmuls on [B*T, E] rows, not [B, T, E]: XLA:CPU's backward of the
+        # 3-D form ran ~2x slower (transposes around every dot), see README.
+        x = x.astype(dt).reshape(b * t, e)
         if self.has_variable("params", GATE_UP):
             # The decode layout (`decoding.decode_weights`): gate and up stacked
             # [E, 2, F] are one matmul, which at decode's few rows runs ~1.7x
             # faster than two. The stacked axis is unsharded, so each tensor
             # shard holds matching gate and up columns.
-            gu = jnp.einsum("bte,ecf->btcf", x, self.get_variable("params", GATE_UP).astype(dt))
-            g, u = gu[:, :, 0], gu[:, :, 1]
+            gu = jnp.einsum("ne,ecf->ncf", x, self.get_variable("params", GATE_UP).astype(dt))
+            g, u = gu[:, 0], gu[:, 1]
         else:
             g = x @ param(self, "gate", (c.embed_dim, c.mlp_dim), ("embed", "mlp")).astype(dt)
             u = x @ param(self, "up", (c.embed_dim, c.mlp_dim), ("embed", "mlp")).astype(dt)
         down = param(self, "down", (c.mlp_dim, c.embed_dim), ("mlp", "embed"))
         h = jax.nn.silu(g) * u
-        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-        out = h @ down.astype(dt)
-        return constrain(out, ("activation_batch", "activation_length", "activation_embed"))
+        h = constrain(h.reshape(b, t, -1), ("activation_batch", "activation_length", "activation_mlp"))
+        out = h.reshape(b * t, -1) @ down.astype(dt)
+        return constrain(out.reshape(b, t, e), ("activation_batch", "activation_length", "activation_embed"))
 
 
 class Block(nn.Module):

@@ -58,6 +58,7 @@ def base_config() -> ConfigDict:
     c.data.records = ""                 # a records file (data.store) replacing the task split
     c.data.eval_records = ""
     c.data.max_len = 512
+    c.data.pack = False                 # several examples per row, each its own segment (data.packing)
     c.data.data_dir = ""                # TFDS dir; '' = <workdir>/tfds
     c.data.manual_dir = ""              # gsm8k/svamp source files; '' = download
     c.data.tokenizer = ""               # sentencepiece model; '' = train one (synthetic task only)
@@ -95,6 +96,8 @@ def check(config: ConfigDict) -> None:
     """Value checks that name the bad key and the valid choices."""
     from glore_jax import objectives  # late: objectives import models, which is heavy
     objectives.get(config.objective)
+    if config.model.dtype not in (None, "auto", "float32", "bfloat16"):
+        raise ValueError(f"model.dtype {config.model.dtype!r} unknown; valid: auto, float32, bfloat16")
     if config.model.preset not in PRESETS:
         raise ValueError(f"model.preset {config.model.preset!r} unknown; valid presets: {sorted(PRESETS)}")
     if config.data.task not in TASKS:
@@ -142,6 +145,7 @@ class DataConfig:
     records: str
     eval_records: str
     max_len: int
+    pack: bool
     data_dir: str
     manual_dir: str
     tokenizer: str
@@ -193,14 +197,23 @@ def experiment(config: ConfigDict) -> Experiment:
     d = config.data
     synthetic = SyntheticConfig(**{k: d.synthetic[k] for k in SYNTHETIC_KEYS}) if d.task == "synthetic" else None
     data = DataConfig(task=d.task, split=d.split, eval_split=d.eval_split, prompt_format=d.prompt_format,
-                      records=d.records, eval_records=d.eval_records, max_len=d.max_len,
+                      records=d.records, eval_records=d.eval_records, max_len=d.max_len, pack=d.pack,
                       data_dir=d.data_dir or os.path.join(config.workdir, "data"), manual_dir=d.manual_dir,
                       tokenizer=d.tokenizer, tokenizer_vocab_size=d.tokenizer_vocab_size, synthetic=synthetic)
-    overrides = tuple((k, config.model[k]) for k in MODEL_OVERRIDES if config.model[k] is not None)
+    overrides = tuple((k, resolve_dtype(v) if k == "dtype" else v) for k in MODEL_OVERRIDES
+                      if (v := config.model[k]) is not None)
     return Experiment(objective=config.objective, workdir=os.path.abspath(config.workdir), seed=config.seed,
                       init_from=config.init_from, model=ModelSpec(preset=config.model.preset, overrides=overrides),
                       data=data, mesh=mesh_config(config), train=TrainConfig(**config.train.to_dict()),
                       source_json=config.to_json_best_effort(indent=2))
+
+
+def resolve_dtype(dtype: str) -> str:
+    """A compute dtype, with "auto" replaced by this machine's faster one (`glore_jax.hardware`)."""
+    if dtype != "auto":
+        return dtype
+    from glore_jax import hardware  # late: it touches the devices
+    return hardware.fastest_dtype()
 
 
 def mesh_config(config: ConfigDict) -> MeshConfig:

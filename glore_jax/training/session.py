@@ -2,8 +2,8 @@
 
 `Session` keeps the loop in `trainer` a few lines long. Its rules:
   - metrics go to `metrics.jsonl` and TensorBoard every `log_every` steps;
-    tokens/s and MFU are measured over the steps since the last log line,
-    the first (compiling) step excluded;
+    tokens/s, MFU (on non-pad tokens) and the non-pad share are measured over
+    the steps since the last log line, the first (compiling) step excluded;
   - evaluators run every `eval_every` steps and at the end, on the same row;
   - a non-finite step raises `NonFiniteLoss` before anything is saved;
   - a checkpoint every `checkpoint_every` steps, at the end, and on SIGTERM,
@@ -129,7 +129,9 @@ class Session:
             if self.window_steps and elapsed > 0:
                 logged["tokens_per_sec"] = self.window["tokens"] / elapsed
                 logged["steps_per_sec"] = self.window_steps / elapsed
-                logged["mfu"] = self.flops_per_token * self.window["padded"] / elapsed / self.peak
+                # Non-pad tokens only: pad positions cost compute but do no work.
+                logged["mfu"] = self.flops_per_token * self.window["tokens"] / elapsed / self.peak
+                logged["nonpad_fraction"] = self.window["tokens"] / max(self.window["padded"], 1.0)
             self._reset_window()
         if self.eval_due(step):
             logged = {**(logged or {}), **evaluate()}

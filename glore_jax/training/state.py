@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
-from glore_jax import sharding as shd
+from glore_jax import hardware, sharding as shd
 from glore_jax.models import ModelConfig, abstract_params, param_shardings
 from glore_jax.objectives import Objective, finalize
 from glore_jax.training.config import TrainConfig
@@ -136,7 +136,8 @@ def make_train_step(objective: Objective, model: ModelConfig, tx: optax.Gradient
 
     # No in_shardings: the state arrives in `shardings` and each batch array in the batch
     # sharding of its rank (`data.put_local`), and jit keeps what it is given.
-    return jax.jit(step, out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
+    return jax.jit(step, out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0,
+                   compiler_options=hardware.train_compiler_options(mesh.devices.flat[0].platform))
 
 
 def make_eval_step(objective: Objective, model: ModelConfig, mesh: Mesh):

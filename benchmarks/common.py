@@ -1,0 +1,38 @@
+"""What every benchmark reports besides its figures: the CPU, its bf16 support, and how a time is taken."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+
+
+def best_time(fn, repeats: int) -> float:
+    """Fastest of `repeats` timed runs after a warm-up: on a shared machine, noise only adds time,
+    so the minimum is the steadiest estimate (as `timeit` reports it), for every framework alike."""
+    fn()  # warm-up / compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def cpu_info() -> dict:
+    """The CPU model and whether it multiplies bf16 natively (AMX-BF16 or AVX512-BF16) or emulates it."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                model = value.strip()
+            elif key.strip() == "Flags":
+                flags = set(value.split())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    native = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    return {"cpu": model, "cpu_count": os.cpu_count(), "native_bf16": bool(native), "bf16_flags": native,
+            "avx2": "avx2" in flags, "machine": platform.machine()}

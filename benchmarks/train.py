@@ -1,0 +1,192 @@
+"""One train step (forward, backward, AdamW update) against transformers + torch, same model and batch.
+
+    python benchmarks/train.py --quick --out train.json
+
+The model is the demo's (`configs/demo.py`: the `mini` preset at the demo
+vocabulary), the batch 32 x 176 tokens of random ids, every token a target,
+AdamW (b1 0.9, b2 0.95, eps 1e-8, no decay) with global-norm clipping at 1.0,
+on both sides. glore_jax runs its real jitted step (`training.state`,
+the `sft` objective); torch runs `LlamaForCausalLM` eagerly and under
+`torch.compile`, in float32 and in bf16 (autocast), in a child process
+(importing torch beside XLA slows XLA:CPU, see `benchmarks/sampling.py`).
+JAX is timed before and after the torch child and the faster block counts,
+so a load spike on the shared machine hurts neither side alone. Figures are
+the fastest of several steps after warm-up.
+
+Also reported: each side's achieved GFLOP/s (6 x params x tokens plus
+attention, `ModelConfig.flops_per_token`) as a fraction of the same run's
+measured matmul peak in that dtype, and MFU on non-pad tokens against the
+nominal peak used by the trainer's logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import best_time, cpu_info  # noqa: E402
+from glore_jax import models as M, objectives  # noqa: E402
+from glore_jax import sharding as shd  # noqa: E402
+from glore_jax.training import metrics as metrics_lib, state as state_lib  # noqa: E402
+from glore_jax.training.config import TrainConfig  # noqa: E402
+
+BATCH, SEQ = 32, 176
+LR = 3e-4
+
+
+def demo_model() -> M.ModelConfig:
+    """The model configs/demo.py trains, at the vocabulary its synthetic tokenizer gives (512 rounded)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
+    import demo  # noqa: E402
+    c = demo.get_config()
+    return M.preset(c.model.preset, vocab_size=640)
+
+
+def _batch(cfg, seed=0):
+    tokens = np.random.default_rng(seed).integers(3, cfg.vocab_size, (BATCH, SEQ)).astype(np.int32)
+    return {"tokens": tokens, "loss_mask": np.ones((BATCH, SEQ), np.float32),
+            "segment_ids": np.ones((BATCH, SEQ), np.int32),
+            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
+            "step_end_mask": np.zeros((BATCH, SEQ), np.float32), "step_labels": np.full((BATCH, SEQ), -1.0, np.float32)}
+
+
+def jax_step_time(cfg, repeats: int) -> float:
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    t = TrainConfig(total_steps=10**6, batch_size=BATCH, grad_accum=1, learning_rate=LR, warmup_steps=0,
+                    weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
+                    max_to_keep=1, peak_tflops=0.0)
+    tx = state_lib.optimizer(t)
+    shardings = state_lib.state_shardings(cfg, tx, mesh)
+    state = state_lib.init_state(M.init_params(cfg, jax.random.key(0)), tx, 0, shardings)
+    step = state_lib.make_train_step(objectives.get("sft"), cfg, tx, state_lib.schedule(t), mesh, shardings, 1)
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg).items()}
+    holder = [state]
+
+    def run():
+        holder[0], m = step(holder[0], batch)
+        jax.block_until_ready(m["loss"])
+    return best_time(run, repeats)
+
+
+def matmul_gflops(dtype: str, repeats: int) -> float:
+    a = jnp.ones((1024, 4096), dtype)
+    b = jnp.ones((4096, 1024), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    return 2 * 1024 * 4096 * 1024 / best_time(lambda: f(a, b).block_until_ready(), repeats) / 1e9
+
+
+def torch_times(cfg, repeats: int) -> dict:
+    job = json.dumps({"cfg": json.loads(cfg.to_json()), "repeats": repeats})
+    out = subprocess.run([sys.executable, __file__, "--torch_worker", job], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"torch worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _torch_worker(job: str) -> None:
+    import torch
+    import transformers
+    job = json.loads(job)
+    c = job["cfg"]
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], intermediate_size=c["mlp_dim"],
+        num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
+        head_dim=c["head_dim"], rms_norm_eps=c["norm_eps"], rope_theta=c["rope_theta"],
+        tie_word_embeddings=c["tie_embeddings"], max_position_embeddings=4 * SEQ, attention_bias=False)
+    tokens = torch.tensor(_batch(M.ModelConfig.from_dict(c))["tokens"], dtype=torch.long)
+    result = {"matmul_gflops": {}}
+    for dtype in ("float32", "bfloat16"):
+        a, b = torch.ones(1024, 4096, dtype=getattr(torch, dtype)), torch.ones(4096, 1024, dtype=getattr(torch, dtype))
+        result["matmul_gflops"][dtype] = 2 * 1024 * 4096 * 1024 / best_time(lambda: a @ b, job["repeats"]) / 1e9
+    for mode in ("eager", "compile"):
+        for dtype in ("float32", "bfloat16"):
+            torch.manual_seed(0)
+            model = transformers.LlamaForCausalLM(hf_cfg).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+            fwd = torch.compile(model) if mode == "compile" else model
+
+            def step():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                    loss = fwd(input_ids=tokens, labels=tokens).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            try:
+                step()  # compiles under torch.compile
+                result[f"{mode}_{dtype}"] = best_time(step, job["repeats"])
+            except Exception as e:  # noqa: BLE001 - torch.compile needs a C++ toolchain; report, not crash
+                result[f"{mode}_{dtype}"] = None
+                result[f"{mode}_{dtype}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(json.dumps(result))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (about 3 minutes on 2 cores)")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--torch_worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.torch_worker:
+        return _torch_worker(args.torch_worker)
+    repeats = 3 if args.quick else 8
+    base = demo_model()
+    dtypes = args.dtypes.split(",")
+    info = cpu_info()
+    results = {**info, "jax": jax.__version__, "model": json.loads(base.to_json()), "params_m": base.num_params() / 1e6, "batch": BATCH, "seq": SEQ,
+               "tokens_per_step": BATCH * SEQ, "dtypes": {}}
+    jax_first = {d: jax_step_time(base.replace(dtype=d), repeats) for d in dtypes}
+    torch = torch_times(base, repeats)
+    jax_after = {d: jax_step_time(base.replace(dtype=d), repeats) for d in dtypes}
+    flops_per_token = base.flops_per_token(SEQ)
+    nominal = metrics_lib.peak_tflops(0.0) * 1e12
+    for d in dtypes:
+        ours = min(jax_first[d], jax_after[d])
+        peak = matmul_gflops(d, repeats) * 1e9
+        row = {"jax_tokens_per_s": BATCH * SEQ / ours, "jax_step_s": ours, "matmul_peak_gflops": peak / 1e9,
+               "torch_matmul_peak_gflops": torch["matmul_gflops"][d]}
+        for mode in ("eager", "compile"):
+            t = torch.get(f"{mode}_{d}")
+            row[f"torch_{mode}_tokens_per_s"] = BATCH * SEQ / t if t else None
+            row[f"speedup_vs_torch_{mode}"] = t / ours if t else None
+            if not t:
+                row[f"torch_{mode}_error"] = torch.get(f"{mode}_{d}_error")
+        achieved = flops_per_token * BATCH * SEQ / ours  # every token is a real (non-pad) target here
+        row.update(fraction_of_matmul_peak=achieved / peak, mfu_nonpad=achieved / nominal,
+                   torch_eager_fraction_of_matmul_peak=(flops_per_token * row["torch_eager_tokens_per_s"]
+                                                         / (torch["matmul_gflops"][d] * 1e9)))
+        results["dtypes"][d] = row
+    speed = lambda mode: [r[f"speedup_vs_torch_{mode}"] for r in results["dtypes"].values()]  # noqa: E731
+    results["train_speedup_vs_torch_eager"] = min(speed("eager"))
+    compiled = [x for x in speed("compile") if x is not None]
+    results["train_speedup_vs_torch_compile"] = min(compiled) if compiled else None
+    results["mfu_nonpad"] = {d: r["mfu_nonpad"] for d, r in results["dtypes"].items()}
+    results["fraction_of_matmul_peak"] = {d: r["fraction_of_matmul_peak"] for d, r in results["dtypes"].items()}
+
+    print(f"{info['cpu']} ({info['cpu_count']} CPUs, native bf16: {info['native_bf16']} {info['bf16_flags']}); "
+          f"model {results['params_m']:.2f}M params, batch {BATCH} x {SEQ}")
+    print(f"{'dtype':>9} {'ours tok/s':>11} {'eager':>9} {'compile':>9} {'vs eager':>9} {'vs compile':>10} "
+          f"{'of peak':>8}")
+    for d, r in results["dtypes"].items():
+        fmt = lambda x, spec: format(x, spec) if x is not None else "n/a"  # noqa: E731
+        print(f"{d:>9} {r['jax_tokens_per_s']:>11,.0f} {fmt(r['torch_eager_tokens_per_s'], '>9,.0f')} "
+              f"{fmt(r['torch_compile_tokens_per_s'], '>9,.0f')} {fmt(r['speedup_vs_torch_eager'], '>8.2f')}x "
+              f"{fmt(r['speedup_vs_torch_compile'], '>9.2f')}x {r['fraction_of_matmul_peak']:>7.1%}")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
