@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import platform
 import subprocess
 import time
@@ -36,3 +38,10 @@ def cpu_info() -> dict:
     native = sorted(flags & {"amx_bf16", "avx512_bf16"})
     return {"cpu": model, "cpu_count": os.cpu_count(), "native_bf16": bool(native), "bf16_flags": native,
             "avx2": "avx2" in flags, "machine": platform.machine()}
+
+
+def save(results: dict, path: str | None) -> None:
+    """Writes the figures as JSON when `--out` was given."""
+    if path:
+        pathlib.Path(path).write_text(json.dumps(results, indent=2))
+        print(f"wrote {path}")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from benchmarks.common import best_time, cpu_info  # noqa: E402
+from benchmarks.common import best_time, cpu_info, save  # noqa: E402
 from glore_jax import convert  # noqa: E402
 from glore_jax import models as M  # noqa: E402
 from glore_jax import sampling as S  # noqa: E402
@@ -193,9 +193,7 @@ def main():
     ro = results["rollouts"]
     print(f"rollouts N={ro['n_prefixes']} K={ro['k']} (GSM8K prefixes, mean {ro['prefix_len_mean']:.0f} tokens): "
           f"shared {ro['shared_s']:.3f}s, naive {ro['naive_s']:.3f}s, speedup {ro['prefix_sharing_speedup']:.2f}x")
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    save(results, args.out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import best_time, cpu_info  # noqa: E402
+from benchmarks.common import best_time, cpu_info, save  # noqa: E402
 from glore_jax import models as M, objectives  # noqa: E402
 from glore_jax import sharding as shd  # noqa: E402
 from glore_jax.training import metrics as metrics_lib, state as state_lib  # noqa: E402
@@ -209,9 +209,7 @@ def main():
     print(f"demo SFT batches, non-pad share: {results['nonpad_fraction_before']:.1%} unpacked, "
           f"{results['nonpad_fraction_after']:.1%} packed ({results['examples_per_batch_before']:.0f} -> "
           f"{results['examples_per_batch_after']:.1f} examples per batch)")
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    save(results, args.out)
 
 
 if __name__ == "__main__":
