@@ -5,8 +5,9 @@
 Everything is measured side by side in one run, on the `demo` preset with
 random weights exported to a `transformers` LlamaForCausalLM (same weights,
 float32, greedy, KV cache on, same batch and lengths). The headline
-`decode_speedup_vs_hf` is float32 against float32; a bf16-against-bf16 row
-at batch 32 is reported beside it (`decode_bf16`). Each figure is the
+`decode_speedup_vs_hf` is float32 against float32, the minimum over batch
+32 and 64; a bf16-against-bf16 row at batch 32 is reported beside it
+(`decode_bf16`). Each figure is the
 fastest of several timed runs after a warm-up (compilation is excluded for
 JAX; HF has none). `transformers` runs in a child process: merely importing
 torch in the JAX process slowed XLA:CPU decoding by up to 40% here (its
@@ -155,7 +156,7 @@ def main():
 
     repeats = 5 if args.quick else 9
     prompt_len, new = 32, (32 if args.quick else 128)
-    batches = (1, 8, 32)
+    batches = (1, 8, 32, 64)
     cfg = M.preset("demo")
     params = M.init_params(cfg, jax.random.key(0))
     results = {"preset": "demo", "params_m": cfg.num_params() / 1e6, "prompt_len": prompt_len,
@@ -174,7 +175,9 @@ def main():
                                      "no_cache_tokens_per_s": nocache[b],
                                      "decode_speedup_vs_hf": ours[b] / hf[b, "float32"],
                                      "speedup_vs_no_cache": ours[b] / nocache[b]}
-    results["decode_speedup_vs_hf"] = results["decode"]["32"]["decode_speedup_vs_hf"]
+    # The headline is the worst case over the large batches (the ones RL and SORM labelling run).
+    results["decode_speedup_vs_hf"] = min(results["decode"][b]["decode_speedup_vs_hf"] for b in ("32", "64"))
+    results["decode_speedup_vs_tunix"] = None  # tunix's sampler is not benchmarked yet (see README)
     results["decode_bf16"] = {"32": {"tokens_per_s": ours_bf16, "hf_tokens_per_s": hf[32, "bfloat16"],
                                      "decode_speedup_vs_hf": ours_bf16 / hf[32, "bfloat16"]}}
     results["rollouts"] = bench_rollouts(cfg, params, n=4, k=8, new=new, repeats=repeats)
