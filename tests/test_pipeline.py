@@ -1,7 +1,6 @@
 """The GLoRe pipeline end to end on the smoke config: report keys, kill-and-resume, no rework."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess

@@ -21,7 +21,7 @@ from glore_jax.models import ModelConfig, checkpoints as model_checkpoints
 from glore_jax.recipe import inference as inference_lib, refine_data, sorm_labels, value_eval
 from glore_jax.recipe.config import GloreConfig
 from glore_jax.recipe.inference import InferenceConfig
-from glore_jax.recipe.workspace import records_path, sharded
+from glore_jax.recipe.workspace import sharded
 from glore_jax.sampling import Generator
 from glore_jax.scoring import ValueScorer
 from glore_jax.tasks import is_correct

@@ -16,7 +16,6 @@ import os
 import platform
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 from glore_jax.data.store import RecordsFile
 from glore_jax.recipe import inference as inference_lib, report as report_lib, sorm_labels, stages as S

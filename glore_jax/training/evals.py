@@ -20,6 +20,7 @@ import numpy as np
 from glore_jax import objectives, prompts
 from glore_jax.sampling import Generator
 from glore_jax.tasks import is_correct
+from glore_jax.training.experience import device_arrays
 
 
 class Evaluator(Protocol):
@@ -35,8 +36,7 @@ class LossEval:
     def __call__(self, params: Any, frozen: dict[str, Any]) -> dict[str, float]:
         total = None
         for batch in self.batches:
-            arrays = {k: v for k, v in batch.items() if isinstance(v, jax.Array)}
-            m = self.eval_step(params, frozen, arrays)
+            m = self.eval_step(params, frozen, device_arrays(batch))
             total = m if total is None else jax.tree_util.tree_map(jnp.add, total, m)
         return {f"{self.prefix}{k}": float(v) for k, v in objectives.finalize(jax.device_get(total)).items()}
 
