@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from glore_jax import files
+from glore_jax.errors import ConfigError, DataError, MissingPathError
 from glore_jax.models.checkpoints import save_model
 from glore_jax.models.config import ModelConfig
 from glore_jax.models.params import check_params, count_params
@@ -26,7 +28,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     archs = hf_config.get("architectures") or [hf_config.get("model_type", "<unknown>")]
     arch = archs[0]
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"Unsupported architecture {arch!r}; supported: {SUPPORTED_ARCHITECTURES}")
+        raise ConfigError(f"Unsupported architecture {arch!r}; supported: {SUPPORTED_ARCHITECTURES}")
     unsupported = {
         "hidden_act": (hf_config.get("hidden_act", "silu"), "silu"),
         "attention_bias": (hf_config.get("attention_bias", False), False),
@@ -34,12 +36,12 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     }
     for key, (got, want) in unsupported.items():
         if got != want:
-            raise ValueError(f"Unsupported {arch} setting {key}={got!r} (only {want!r} is implemented)")
+            raise ConfigError(f"Unsupported {arch} setting {key}={got!r} (only {want!r} is implemented)")
     # transformers >= 5 moves rope settings into `rope_parameters`.
     rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ValueError(f"Unsupported rope scaling type {rope_type!r}; only unscaled RoPE is implemented")
+        raise ConfigError(f"Unsupported rope scaling type {rope_type!r}; only unscaled RoPE is implemented")
     theta = rope.get("rope_theta", hf_config.get("rope_theta", 10_000.0))
     heads = hf_config["num_attention_heads"]
     return ModelConfig(
@@ -72,7 +74,7 @@ class _SafetensorsReader:
             with safe_open(single, framework="numpy") as f:
                 self._files = {name: single for name in f.keys()}
         else:
-            raise FileNotFoundError(f"No model.safetensors or model.safetensors.index.json in {hf_dir}")
+            raise MissingPathError(f"No model.safetensors or model.safetensors.index.json in {hf_dir}")
         self.hf_dir = hf_dir
 
     def __contains__(self, name: str) -> bool:
@@ -80,7 +82,7 @@ class _SafetensorsReader:
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._files:
-            raise KeyError(f"Missing tensor {name!r} in the checkpoint at {self.hf_dir}")
+            raise DataError(f"Missing tensor {name!r} in the checkpoint at {self.hf_dir}")
         from safetensors import safe_open
         # The "flax" framework handles bfloat16, which plain numpy cannot.
         with safe_open(self._files[name], framework="flax") as f:
@@ -91,7 +93,7 @@ def from_hf(hf_dir: str) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, float32 params) from a Hugging Face Llama or Mistral directory."""
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found")
+        raise MissingPathError(f"{config_path} not found")
     with open(config_path) as f:
         cfg = config_from_hf(json.load(f))
     r = _SafetensorsReader(hf_dir)
@@ -167,8 +169,7 @@ def to_hf(config: ModelConfig, params: dict[str, Any], out_dir: str) -> None:
     }
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    files.write_json(os.path.join(out_dir, "config.json"), hf_config, indent=2)
 
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json + safetensors).")

@@ -26,12 +26,15 @@ stage is skipped on re-run; a killed stage resumes (see `recipe.workspace`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from glore_jax import cli, files
+from glore_jax.errors import ConfigError
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.", lock_config=True)
@@ -50,9 +53,9 @@ def run(config) -> dict:
     from glore_jax.training import config as train_config, inputs
 
     if not config.workdir:
-        raise ValueError("workdir must be set (e.g. --config.workdir=workdir/demo)")
+        raise ConfigError("workdir must be set (e.g. --config.workdir=workdir/demo)")
     if "glore" not in config:
-        raise ValueError("this config has no pipeline section (`glore`); build it with recipe.config.add_pipeline")
+        raise ConfigError("this config has no pipeline section (`glore`); build it with recipe.config.add_pipeline")
     config = copy.deepcopy(config)
     config.unlock()
     # One data dir for every stage: the datasets are built and the tokenizer
@@ -67,7 +70,7 @@ def run(config) -> dict:
     train = list(inputs.task_split(exp.data, "train"))
     test = list(inputs.task_split(exp.data, "test"))
     if not 0 <= g.val_questions < len(train):
-        raise ValueError(f"glore.val_questions must be in [0, {len(train)}), got {g.val_questions}")
+        raise ConfigError(f"glore.val_questions must be in [0, {len(train)}), got {g.val_questions}")
     # Validation is carved from the end of the train split and never trained on: the ORM gate is
     # calibrated there, so no decision about the test questions is ever made by looking at them.
     train, val = train[:len(train) - g.val_questions], train[len(train) - g.val_questions:]
@@ -79,9 +82,10 @@ def run(config) -> dict:
     ws = Workspace(config.workdir, total_stages=len(table))
     log(f"task {exp.data.task}: {len(train)} train / {len(val)} validation / {len(test)} test; model "
         f"{config.model.preset}; {jax.device_count()} {jax.devices()[0].platform} device(s); workdir {ws.root}")
-    ws.run_table(table, ctx.load_model, ctx, aliases)
-    with open(os.path.join(ws.root, "report.json")) as f:
-        return json.load(f)
+    # One pipeline per workdir; each trainer also locks its own stage directory.
+    with files.WorkdirLock(ws.root) if jax.process_index() == 0 else contextlib.nullcontext():
+        ws.run_table(table, ctx.load_model, ctx, aliases, counts=ctx.take_counts)
+    return files.read_json_file(os.path.join(ws.root, "report.json"))
 
 
 def _pinned_dtype(workdir: str, dtype: str | None) -> str | None:
@@ -91,12 +95,8 @@ def _pinned_dtype(workdir: str, dtype: str | None) -> str | None:
     path = os.path.join(os.path.abspath(workdir), "hardware.json")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        choice = {"dtype": hardware.fastest_dtype(), "cpu_bf16_flags": hardware.cpu_bf16_flags()}
-        with open(path + ".tmp", "w") as f:
-            json.dump(choice, f)
-        os.replace(path + ".tmp", path)
-    with open(path) as f:
-        return json.load(f)["dtype"]
+        files.write_json(path, {"dtype": hardware.fastest_dtype(), "cpu_bf16_flags": hardware.cpu_bf16_flags()})
+    return files.read_json_file(path)["dtype"]
 
 
 def _stage_experiment(config, stage: str, stage_config):
@@ -141,4 +141,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

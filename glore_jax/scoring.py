@@ -38,7 +38,9 @@ class ValueScorer:
     max_len: int
     rows: int = 32
     mesh: Mesh | None = None
-    truncated: int = 0
+    truncated: int = 0          # solutions cut at their end (scorable positions lost)
+    prompt_truncated: int = 0   # questions cut from the left (positions kept)
+    scored: int = 0
 
     def __post_init__(self):
         if "value" not in self.config.heads:
@@ -64,6 +66,8 @@ class ValueScorer:
             examples = [value_example(self.tokenizer, q, s) for q, s in chunk]
             batch, stats = collate(examples, self.max_len, self.tokenizer.pad_id)
             self.truncated += stats["target_truncated"]
+            self.prompt_truncated += stats["prompt_truncated"]
+            self.scored += len(chunk)
             # Fixed [rows, max_len] shapes: one compiled program for the whole stage.
             batch = {k: np.pad(v, [(0, self.rows - len(chunk)), (0, 0)]) for k, v in batch.items()}
             positions = np.where(batch["segment_ids"] > 0, batch["positions"], -1).astype(np.int32)
@@ -71,6 +75,10 @@ class ValueScorer:
             mask = batch["step_end_mask"] > 0
             out.extend(probs[i][mask[i]] for i in range(len(chunk)))
         return out
+
+    def counts(self) -> dict[str, int]:
+        """What was cut to `max_len` so far (the pipeline reports these per stage)."""
+        return {"scored": self.scored, "scored_prompt_cut": self.prompt_truncated, "scored_cut": self.truncated}
 
     def final_probs(self, items: Sequence[tuple[str, str]]) -> np.ndarray:
         """P(correct) read at the last scorable position of each solution (0.0 if it has none)."""

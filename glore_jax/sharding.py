@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from glore_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Batch is split over both data-parallel axes: 'fsdp' shards params *and*
@@ -62,18 +64,18 @@ class MeshConfig:
         shape = [self.data, self.fsdp, self.tensor]
         free = [i for i, s in enumerate(shape) if s == -1]
         if len(free) > 1:
-            raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+            raise ConfigError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
         if any(s == 0 or s < -1 for s in shape):
-            raise ValueError(f"Mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, shape))}")
+            raise ConfigError(f"Mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, shape))}")
         known = math.prod(s for s in shape if s != -1)
         if free:
             if num_devices % known:
-                raise ValueError(
+                raise ConfigError(
                     f"Cannot fill mesh axis '{MESH_AXES[free[0]]}': {num_devices} devices is not a "
                     f"multiple of the other axes' product {known}")
             shape[free[0]] = num_devices // known
         if math.prod(shape) != num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"Mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
                 f"but {num_devices} are available")
         return tuple(shape)
@@ -125,7 +127,7 @@ def check_divisible(abstract_tree: Any, shardings: Any) -> None:
                 continue
             parts = int(np.prod([mesh_shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
             if dim % parts:
-                raise ValueError(
+                raise ConfigError(
                     f"Param {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be split "
                     f"by spec {sharding.spec} on mesh {mesh_shape}")
 

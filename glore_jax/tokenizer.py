@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
+
+from glore_jax.errors import MissingPathError, TokenizerError
 
 # Order is part of the id assignment: append, never reorder.
 CONTROL_TOKENS: tuple[str, ...] = (
@@ -27,6 +30,7 @@ CONTROL_TOKENS: tuple[str, ...] = (
     "[DRAFT]",  # question -> draft to be refined
     "[FIX]",    # draft -> refinement
 )
+_CONTROL_RE = re.compile(r"(\\*)(" + "|".join(re.escape(name) for name in CONTROL_TOKENS) + ")")
 
 
 class Tokenizer:
@@ -41,13 +45,23 @@ class Tokenizer:
         self.bos_id: int = self._sp.bos_id()
         self.eos_id: int = self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError("the sentencepiece model must define bos and eos pieces")
+            raise TokenizerError("the sentencepiece model must define bos and eos pieces")
         self.pad_id: int = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise MissingPathError(f"tokenizer file {path} does not exist")
         with open(path, "rb") as f:
-            return cls(f.read())
+            proto = f.read()
+        try:
+            return cls(proto)
+        except TokenizerError as e:
+            raise TokenizerError(f"tokenizer {path}: {e}") from None
+        except (RuntimeError, OSError):  # sentencepiece reports a bad proto as an INTERNAL RuntimeError
+            raise TokenizerError(f"tokenizer {path} is not a sentencepiece model (its {len(proto)} bytes do not "
+                                 "parse as a ModelProto)") from None
 
     def __getstate__(self):  # picklable for multi-process data loading
         return {"model_proto": self._proto}
@@ -103,21 +117,56 @@ class Tokenizer:
         return [p.id for p in proto.pieces], spans
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ids; control tokens render as their names, BOS/EOS/pad as nothing."""
+        """Text of ids; control tokens render as their names, BOS/EOS/pad as nothing.
+
+        Unambiguous: where plain text itself spells a control token's name
+        (a question that says "[BAD]"), `escape` adds a backslash before it,
+        so "[BAD]" in the output is always the token. `encode_markup` reads
+        the text back; plain text without control names decodes unchanged.
+        """
         out: list[str] = []
         run: list[int] = []
         for token in ids:
             token = int(token)
             if token in self._control_names:
-                out.append(self._sp.decode(run))
+                out.append(escape(self._sp.decode(run)))
                 out.append(self._control_names[token])
                 run = []
             elif 0 <= token < self.sp_vocab_size:
                 run.append(token)
             else:
                 raise ValueError(f"token id {token} outside vocab of size {self.vocab_size}")
-        out.append(self._sp.decode(run))
+        out.append(escape(self._sp.decode(run)))
         return "".join(out)
+
+    def encode_markup(self, text: str) -> list[int]:
+        """Ids of `decode`'s output: bare control names become their ids, escaped ones stay text."""
+        ids: list[int] = []
+        plain, pos = [], 0
+        for match in _CONTROL_RE.finditer(text):
+            slashes, name = match.group(1), match.group(2)
+            plain.append(text[pos:match.start()])
+            pos = match.end()
+            if slashes:  # escaped: drop one backslash, keep the name as text
+                plain.append(slashes[1:] + name)
+                continue
+            if "".join(plain):
+                ids += self._sp.encode("".join(plain))
+            plain = []
+            ids.append(self._control[name])
+        plain.append(text[pos:])
+        if "".join(plain):
+            ids += self._sp.encode("".join(plain))
+        return ids
+
+
+def escape(text: str) -> str:
+    """Plain text with one backslash added before each control-token name it spells.
+
+    A name preceded by n backslashes gets n + 1, so escaped text that itself
+    contains backslashes still reads back exactly (`encode_markup`).
+    """
+    return _CONTROL_RE.sub(lambda m: "\\" + m.group(1) + m.group(2), text)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike | None = None, *,

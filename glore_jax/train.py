@@ -2,7 +2,9 @@
 
 Any config key can be overridden (`--config.train.total_steps=50`,
 `--config.objective=sorm`); config files return a locked ConfigDict, so a
-misspelled key fails at once and names itself. Multi-host (TPU pod) runs
+misspelled key fails at once and names itself. Bad input (a config value, a
+record, a path) ends in one `error:` line and exit code 2 (`glore_jax.cli`);
+`--verbose` adds the traceback. Multi-host (TPU pod) runs
 set GLORE_DISTRIBUTED=1 (the launch script does), which makes every host
 join `jax.distributed` before anything touches a device.
 """
@@ -15,23 +17,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from glore_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (e.g. configs/smoke.py).",
                                           lock_config=True)
 flags.mark_flags_as_required(["config"])
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with a misspelled `--config.a.b=v` reported as the key it is."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError, flags.Error) as e:
-        overrides = [a.split("=", 1)[0][len("--config."):] for a in argv[1:] if a.startswith("--config.")]
-        name = str(e).strip("\"'")
-        bad = [o for o in overrides if name and name in o.split(".")]
-        if not bad:
-            raise
-        sys.exit(f"error: unknown config key {bad[0]!r} (no {name!r} at that level; check its spelling "
-                 "against the config file)")
 
 
 def main(argv):
@@ -53,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.main(main)

@@ -19,9 +19,9 @@ saves at the current step and raises `Preempted`; a non-finite loss raises
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,7 +33,8 @@ from absl import logging
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from glore_jax import data, models, objectives, sharding
+from glore_jax import data, files, models, objectives, sharding
+from glore_jax.errors import ConfigError
 from glore_jax.models import ModelConfig, checkpoints as model_checkpoints
 from glore_jax.objectives import Objective
 from glore_jax.tokenizer import Tokenizer
@@ -44,7 +45,7 @@ from glore_jax.training.evals import Evaluator, LossEval
 from glore_jax.training.experience import ExperienceSource, OfflineSource, device_arrays
 from glore_jax.training.session import DONE_FILE, NonFiniteLoss, Preempted, Session
 
-__all__ = ["DONE_FILE", "NonFiniteLoss", "Preempted", "Run", "train"]
+__all__ = ["DONE_FILE", "NonFiniteLoss", "Preempted", "Run", "done_info", "train"]
 Params = Any
 
 
@@ -99,6 +100,7 @@ def _initial_model(exp: Experiment, objective: Objective, tokenizer_vocab: int, 
         model, params = load_init(exp.init_from, mesh)
     model, params = adapt_heads(model, params, objective.heads, jax.random.fold_in(rng, 1), mesh)
     model, params = grow_vocab(model, params, tokenizer_vocab, mesh)
+    exp.model.check_loaded(model, "init_params" if init_params is not None else f"init_from {exp.init_from}")
     # Compute-only knobs may change; shape knobs belong to the checkpoint.
     compute = exp.model.compute()
     return (model.replace(**compute) if compute else model), params
@@ -117,17 +119,25 @@ def _start(exp: Experiment, obj: Objective, mesh: Mesh, tokenizer: Tokenizer, tx
     frozen_names = tuple(spec.name for spec in obj.frozen)
     derive = lambda params: {s.name: s.derive(params) for s in obj.frozen}  # noqa: E731
     ckpts = Checkpoints(exp.workdir, max_to_keep=exp.train.max_to_keep)
-    latest = ckpts.latest_step()
-    if latest is None:
+
+    def restore(step: int):
+        info = ckpts.restore_info(step)
+        model = ModelConfig.from_dict(info["model_config"])
+        shardings = state_lib.state_shardings(model, tx, mesh, frozen_names)
+        state, data_state, _ = ckpts.restore(step, _abstract_state(model, tx, frozen_names), shardings)
+        return model, shardings, state, data_state
+
+    try:
+        found = ckpts.restore_newest(restore)
+    finally:
         ckpts.close()
+    if found is None:
         model, params = _initial_model(exp, obj, tokenizer.vocab_size, mesh, init_params)
         shardings = state_lib.state_shardings(model, tx, mesh, frozen_names)
         return model, state_lib.init_state(params, tx, exp.seed, shardings, derive(params)), None
-    info = ckpts.restore_info(latest)
-    model = ModelConfig.from_dict(info["model_config"])
-    shardings = state_lib.state_shardings(model, tx, mesh, frozen_names)
-    state, data_state, _ = ckpts.restore(latest, _abstract_state(model, tx, frozen_names), shardings)
-    ckpts.close()
+    latest, (model, shardings, state, data_state) = found
+    exp.model.check_loaded(model, f"the checkpoint at step {latest} in {exp.workdir}")
+    model = model.replace(**exp.model.compute())  # compute knobs (dtype, remat) apply to a resumed run too
     missing = [n for n in frozen_names if n not in state.frozen]
     if missing:  # not saved: derive them again from the (reproducible) initial params
         initial = derive(_initial_model(exp, obj, tokenizer.vocab_size, mesh, init_params)[1])
@@ -156,7 +166,19 @@ def train(config: ConfigDict | Experiment, *, objective: str | Objective | None 
     exp = _experiment(config, objective if isinstance(objective, str) else None, workdir, init_from)
     obj = objective if isinstance(objective, Objective) else objectives.get(exp.objective)
     os.makedirs(exp.workdir, exist_ok=True)
+    # One writer per workdir: a second trainer would interleave metrics and race inside Orbax.
+    with files.WorkdirLock(exp.workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(exp, obj, records, eval_records, source, evaluators, init_params, mesh)
+
+
+def _train(exp: Experiment, obj: Objective, records, eval_records, source, evaluators, init_params,
+           mesh: Mesh | None) -> tuple[ModelConfig, Params]:
     mesh = mesh or sharding.make_mesh(exp.mesh)
+    ways = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    if exp.train.batch_size % ways:
+        raise ConfigError(f"train.batch_size {exp.train.batch_size} does not divide over the mesh: "
+                          f"{dict(mesh.shape)} on {mesh.size} devices splits each batch {ways} ways (data x fsdp); "
+                          f"use a multiple of {ways} or change mesh.data / mesh.fsdp")
     done = _finished(exp)
     if done is not None:
         logging.info("%s already finished %d steps; loading its model instead of training", exp.workdir, done)
@@ -169,7 +191,7 @@ def train(config: ConfigDict | Experiment, *, objective: str | Objective | None 
     # A custom source may bring its own experience: then the configured data is only read if passed.
     train_records = resolve(records, exp.data.split, exp.data.records) if source is None or records else None
     if train_records is None and source is None:
-        raise ValueError("no training data: set data.split, data.records or pass records=...")
+        raise ConfigError("no training data: set data.split, data.records or pass records=...")
     tx = state_lib.optimizer(exp.train)
     model, state, data_state = _start(exp, obj, mesh, tokenizer, tx, init_params)
     run = Run(exp=exp, objective=obj, prompt_format=prompt_format, mesh=mesh, tokenizer=tokenizer, model=model,
@@ -181,13 +203,15 @@ def train(config: ConfigDict | Experiment, *, objective: str | Objective | None 
     return _loop(run, state, experience, [h for h in hooks if h is not None], tx)
 
 
+def done_info(workdir: str) -> dict:
+    """A finished workdir's `train_done.json` (step, objective, data counts), or {} if unfinished."""
+    path = os.path.join(workdir, DONE_FILE)
+    return files.read_json_file(path) if os.path.exists(path) else {}
+
+
 def _finished(exp: Experiment) -> int | None:
-    path = os.path.join(exp.workdir, DONE_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        step = json.load(f)["step"]
-    return step if step >= exp.train.total_steps else None
+    step = done_info(exp.workdir).get("step")
+    return step if step is not None and step >= exp.train.total_steps else None
 
 
 def _loss_eval(run: Run) -> LossEval | None:
@@ -219,4 +243,7 @@ def _loop(run: Run, state: state_lib.TrainState, source: ExperienceSource, evalu
             session.record(step + 1, jax.device_get(metrics), padded,
                            evaluate=lambda: {k: v for e in evaluators for k, v in e(state.params, state.frozen).items()})
             session.maybe_checkpoint(step + 1, state, source_state)
-        return session.finish(state)
+        stats = getattr(source, "stats", None)
+        if stats is not None and getattr(run.records, "skipped", 0):
+            stats = {**stats, "skipped_records": run.records.skipped}
+        return session.finish(state, stats)

@@ -90,7 +90,8 @@ def test_literal_bad_text_cannot_forge_the_marker(tok):
     local = prompts.local_refiner_prompt(tok, question, draft, 1)
     assert local.count(tok.bad_id) == 1
     assert local.count(tok.control_id("[FIX]")) == 1
-    assert tok.decode(local[local.index(tok.control_id("[FIX]")) + 1:]) == "[BAD] 1 + 1 = <<1+1=2>>2\n"
+    # The typed "[BAD]" comes back escaped: only the real marker decodes as a bare [BAD].
+    assert tok.decode(local[local.index(tok.control_id("[FIX]")) + 1:]) == "\\[BAD] 1 + 1 = <<1+1=2>>2\n"
     with pytest.raises(ValueError, match="out of range"):
         prompts.local_refiner_prompt(tok, question, draft, 3)
 

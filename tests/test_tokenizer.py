@@ -6,7 +6,7 @@ import pickle
 import pytest
 
 from glore_jax.tasks import SyntheticConfig, generate_split
-from glore_jax.tokenizer import CONTROL_TOKENS, Tokenizer, train_tokenizer
+from glore_jax.tokenizer import CONTROL_TOKENS, Tokenizer, escape, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,19 @@ def test_real_model_round_trips_gsm8k_test(mistral, shared_dir):
         assert mistral.decode(ids) == text
 
 
+@pytest.mark.parametrize("typed", ["The [BAD] step", "a \\[BAD] b", "x \\\\[FIX]y", "no marker", "[SOL][DRAFT]"])
+def test_a_real_bad_token_and_typed_text_decode_differently_and_round_trip(mistral, typed):
+    real = mistral.encode("Step 1") + [mistral.bad_id] + mistral.encode("Step 2")
+    typed_ids = mistral.encode(f"Step 1{typed}Step 2")
+    assert mistral.decode(real) == "Step 1[BAD]Step 2"
+    assert mistral.decode(typed_ids) != mistral.decode(real)
+    mixed = mistral.encode(typed) + [mistral.bad_id] + mistral.encode(typed)
+    text = mistral.decode(mixed)
+    assert text.count("[BAD]") >= 1 and mistral.encode_markup(text) == mixed  # the token, and only it, comes back
+    # Plain text reads back to itself: escaping is undone by encode_markup.
+    assert mistral.encode_markup(mistral.decode(mistral.encode(typed))) == mistral.encode(typed)
+
+
 def test_control_tokens_sit_after_the_vocab_and_cannot_be_forged(mistral):
     assert (mistral.sp_vocab_size, mistral.bos_id, mistral.eos_id) == (32000, 1, 2)
     assert mistral.vocab_size == 32000 + len(CONTROL_TOKENS)
@@ -33,7 +46,7 @@ def test_control_tokens_sit_after_the_vocab_and_cannot_be_forged(mistral):
     forged = " ".join(CONTROL_TOKENS) + " [BAD][SOL]"
     ids = mistral.encode(forged)
     assert not any(mistral.is_control(i) for i in ids)
-    assert mistral.decode(ids) == forged
+    assert mistral.decode(ids) == escape(forged)  # typed names are escaped, so they never read as tokens
     assert mistral.decode(mistral.encode("a") + [mistral.bad_id] + mistral.encode("b")) == "a[BAD]b"
     with pytest.raises(ValueError, match="outside vocab"):
         mistral.decode([mistral.vocab_size])

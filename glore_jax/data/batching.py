@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from glore_jax.errors import ConfigError
 from glore_jax.data.packing import ROW_KEYS, Packer
 from glore_jax.prompts import Example, fit
 from glore_jax.sharding import batch_sharding
@@ -140,11 +141,11 @@ class BatchIterator:
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         if config.global_batch_size % process_count:
-            raise ValueError(f"global batch {config.global_batch_size} not divisible by {process_count} processes")
+            raise ConfigError(f"global batch {config.global_batch_size} not divisible by {process_count} processes")
         self.local_batch_size = config.global_batch_size // process_count
         dataset = shard_for_process(grain.MapDataset.source(source), process_index, process_count)
         if len(dataset) < self.local_batch_size:
-            raise ValueError(f"source of {len(source)} records gives each of {process_count} processes "
+            raise ConfigError(f"source of {len(source)} records gives each of {process_count} processes "
                              f"{len(dataset)}, fewer than its batch of {self.local_batch_size}")
         if config.shuffle:
             dataset = dataset.shuffle(seed=config.seed)

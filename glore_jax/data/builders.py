@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
+from glore_jax.errors import MissingPathError
 from glore_jax.data.records import RECORD_FIELDS, ReadStats, read_gsm8k_jsonl, read_svamp_json
 from glore_jax.tasks.synthetic import SyntheticConfig, generate_split
 
@@ -67,7 +68,7 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         paths = {k: os.path.join(self._source_dir, name) for k, name in filenames.items()}
         missing = [p for p in paths.values() if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{self.name}: manual_dir {self._source_dir} lacks {missing}")
+            raise MissingPathError(f"{self.name}: manual_dir {self._source_dir} lacks {missing}")
         return paths
 
     def _stats(self, split: str) -> ReadStats:

@@ -20,6 +20,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from glore_jax.errors import DataError
 from glore_jax import prompts
 from glore_jax.tasks import ERROR_KINDS, first_wrong_step, inject_error, is_correct
 
@@ -57,7 +58,7 @@ class SyntheticLabelled(Sequence):
             return [self[i] for i in range(*index.indices(len(self)))]
         record = self._source[index]
         if "meta" not in record or "steps" not in json.loads(record["meta"] or "{}"):
-            raise ValueError("SyntheticLabelled needs synthetic task records (with per-step meta); "
+            raise DataError("SyntheticLabelled needs synthetic task records (with per-step meta); "
                              f"record {index} has meta {record.get('meta')!r}")
         meta = json.loads(record["meta"])
         rng = random.Random(f"glore-labelled/{self._seed}/{index % len(self)}")

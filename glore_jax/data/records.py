@@ -17,12 +17,13 @@ import json
 import os
 from collections.abc import Iterator
 
+from glore_jax.errors import DataError
 from glore_jax.tasks.answers import extract_answer, format_number, normalize_number, parse_number
 
 RECORD_FIELDS = ("id", "question", "answer", "gold", "meta")
 
 
-class MalformedRecordError(ValueError):
+class MalformedRecordError(DataError):
     """A source line or entry that cannot become a record; the message names file and line."""
 
 
@@ -46,12 +47,12 @@ def read_gsm8k_jsonl(path: str | os.PathLike, *, split: str, skip_malformed: boo
     `skip_malformed`, in which case it is skipped and counted in `stats`.
     """
     stats = stats if stats is not None else ReadStats()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                record = _gsm8k_record(line, index=stats.read, split=split)
+                record = _gsm8k_record(_utf8(raw), index=stats.read, split=split)
             except MalformedRecordError as e:
                 if not skip_malformed:
                     raise _fail(path, f"line {lineno}", str(e)) from None
@@ -59,6 +60,13 @@ def read_gsm8k_jsonl(path: str | os.PathLike, *, split: str, skip_malformed: boo
                 continue
             stats.read += 1
             yield record
+
+
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedRecordError(f"invalid UTF-8 at byte {e.start}") from None
 
 
 def _gsm8k_record(line: str, *, index: int, split: str) -> dict[str, str]:
@@ -82,11 +90,15 @@ def read_svamp_json(path: str | os.PathLike, *, skip_malformed: bool = False,
                     stats: ReadStats | None = None) -> Iterator[dict[str, str]]:
     """SVAMP.json (a JSON list). question = Body + ' ' + Question; no reference solution."""
     stats = stats if stats is not None else ReadStats()
-    with open(path, encoding="utf-8") as f:
-        try:
-            entries = json.load(f)
-        except json.JSONDecodeError as e:
-            raise _fail(path, f"line {e.lineno}", f"invalid JSON ({e.msg})") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        entries = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise _fail(path, f"line {line}", f"invalid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise _fail(path, f"line {e.lineno}", f"invalid JSON ({e.msg})") from None
     if not isinstance(entries, list):
         raise _fail(path, "line 1", "expected a JSON list of problems")
     for k, entry in enumerate(entries):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from glore_jax.errors import ConfigError
 from glore_jax.data.builders import BUILDERS, synthetic_config
 from glore_jax.tasks.synthetic import SyntheticConfig
 
@@ -46,11 +47,11 @@ def make_builder(task: str, data_dir: str | os.PathLike | None = None, *,
                  skip_malformed: bool = False):
     """The TFDS builder of `task` ('gsm8k' | 'svamp' | 'synthetic')."""
     if task not in BUILDERS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(BUILDERS)}")
+        raise ConfigError(f"unknown task {task!r}; expected one of {sorted(BUILDERS)}")
     if synthetic is not None and task != "synthetic":
-        raise ValueError("`synthetic` knobs only apply to task='synthetic'")
+        raise ConfigError("`synthetic` knobs only apply to task='synthetic'")
     if manual_dir is not None and task == "synthetic":
-        raise ValueError("the synthetic task is generated; it takes no manual_dir")
+        raise ConfigError("the synthetic task is generated; it takes no manual_dir")
     kwargs = dict(data_dir=os.fspath(data_dir) if data_dir is not None else None,
                   manual_dir=manual_dir, skip_malformed=skip_malformed)
     if task == "synthetic":
@@ -74,5 +75,5 @@ def load(task: str, split: str, data_dir: str | os.PathLike | None = None, *,
     builder.download_and_prepare()
     sources = builder.as_data_source()
     if split not in sources:
-        raise ValueError(f"{task} has splits {sorted(sources)}, not {split!r}")
+        raise ConfigError(f"{task} has splits {sorted(sources)}, not {split!r}")
     return RecordSource(sources[split], name=f"{task}/{split}")

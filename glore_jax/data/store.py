@@ -18,40 +18,53 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from absl import logging
+
+from glore_jax import files, prompts
+from glore_jax.errors import DataError, MissingPathError
+
+
 def write_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
-    """Writes records atomically (a reader never sees half a file); returns how many."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp, count = path + ".tmp", 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            if not isinstance(record, dict):
-                raise TypeError(f"record {count} is a {type(record).__name__}, expected dict")
-            f.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
-            count += 1
-    os.replace(tmp, path)
-    return count
+    """Writes records atomically (a reader never sees half a file, even after a kill); returns how many."""
+    lines = []
+    for count, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise TypeError(f"record {count} is a {type(record).__name__}, expected dict")
+        lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+    files.write_atomic(path, "".join(lines))
+    return len(lines)
 
 
 class RecordsFile(Sequence):
-    """A records file as a Grain-compatible random-access source."""
+    """A records file as a Grain-compatible random-access source, checked as it is read.
 
-    def __init__(self, path: str | os.PathLike):
+    Each line must be valid UTF-8 JSON of an object whose known fields have
+    valid types (`prompts.check_record`: booleans are booleans, labels in
+    [0, 1]). A bad line is a `DataError` naming the file, line and field;
+    with `skip_bad` it is skipped instead, counted in `skipped`, and logged.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, skip_bad: bool = False):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"records file {self.path} does not exist")
+            raise MissingPathError(f"records file {self.path} does not exist")
         self._records: list[dict[str, Any]] = []
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
+        self.skipped = 0
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{self.path}:{lineno}: expected a JSON object")
+                record, why = _parse(raw)
+                if why is not None:
+                    if not skip_bad:
+                        raise DataError(f"{self.path}:{lineno}: {why} (data.skip_bad_records=True skips such "
+                                        "lines and counts them)")
+                    self.skipped += 1
+                    continue
                 self._records.append(record)
+        if self.skipped:
+            logging.warning("%s: skipped %d bad records of %d", self.path, self.skipped,
+                            self.skipped + len(self._records))
 
     def __len__(self) -> int:
         return len(self._records)
@@ -62,3 +75,14 @@ class RecordsFile(Sequence):
     def __repr__(self) -> str:
         return f"RecordsFile({self.path}, {len(self)} records)"
 
+
+def _parse(raw: bytes) -> tuple[Any, str | None]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"invalid UTF-8 at byte {e.start}"
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno})"
+    return record, prompts.check_record(record)

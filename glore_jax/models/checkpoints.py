@@ -16,7 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from glore_jax import sharding as shd
+from glore_jax.errors import CheckpointError, MissingPathError
+from glore_jax import checksums, files, sharding as shd
 from glore_jax.models.config import ModelConfig
 from glore_jax.models.params import Params, abstract_params, check_params, param_shardings
 
@@ -31,17 +32,16 @@ def save_model(out_dir: str, config: ModelConfig, params: Params) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, PARAMS_DIR), params, force=True)
         ckptr.wait_until_finished()
-    # The config goes last: its presence marks a complete model directory.
-    tmp = os.path.join(out_dir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(config.to_json())
-    os.replace(tmp, os.path.join(out_dir, CONFIG_FILE))
+    if jax.process_index() == 0:
+        checksums.write_manifest(os.path.join(out_dir, PARAMS_DIR))
+        # The config goes last: its presence marks a complete model directory.
+        files.write_atomic(os.path.join(out_dir, CONFIG_FILE), config.to_json())
 
 
 def load_config(model_dir: str) -> ModelConfig:
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {model_dir} is not a complete saved model")
+        raise MissingPathError(f"{path} not found: {model_dir} is not a complete saved model")
     with open(path) as f:
         return ModelConfig.from_json(f.read())
 
@@ -56,6 +56,10 @@ def load_model(model_dir: str, mesh: Mesh | None = None,
     shardings = param_shardings(config, mesh, rules)
     target = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    params_dir = os.path.join(os.path.abspath(model_dir), PARAMS_DIR)
+    if checksums.has_manifest(params_dir) and (why := checksums.verify(params_dir)) is not None:
+        raise CheckpointError(f"saved model {model_dir} is corrupt: {why}; retrain it (delete the directory) "
+                              "or restore an intact copy")
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(os.path.abspath(model_dir), PARAMS_DIR), target)
+        params = ckptr.restore(params_dir, target)
     return config, params

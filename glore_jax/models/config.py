@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from glore_jax.errors import ConfigError
+
 Head = Literal["lm", "value"]
 _HEADS = ("lm", "value")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,18 +46,18 @@ class ModelConfig:
             object.__setattr__(self, "heads", tuple(self.heads))
         bad = [h for h in self.heads if h not in _HEADS]
         if bad or not self.heads or len(set(self.heads)) != len(self.heads):
-            raise ValueError(f"heads must be a non-empty subset of {_HEADS}, got {self.heads}")
+            raise ConfigError(f"heads must be a non-empty subset of {_HEADS}, got {self.heads}")
         if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "mlp_dim"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
     @property
     def compute_dtype(self):
@@ -93,7 +95,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"Unknown ModelConfig keys {unknown}; valid keys: {sorted(known)}")
+            raise ConfigError(f"Unknown ModelConfig keys {unknown}; valid keys: {sorted(known)}")
         return cls(**d)
 
 
@@ -119,5 +121,5 @@ PRESETS: dict[str, ModelConfig] = {
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """A preset by name, with field overrides (e.g. `preset('demo', vocab_size=600)`)."""
     if name not in PRESETS:
-        raise ValueError(f"Unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
+        raise ConfigError(f"Unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

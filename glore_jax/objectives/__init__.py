@@ -1,5 +1,6 @@
 """Training objectives, chosen by name. Adding one: a module defining an `Objective`, plus one line here."""
 
+from glore_jax.errors import ConfigError
 from glore_jax.objectives.base import Batch, FrozenSpec, Metrics, Objective, finalize, pair
 from glore_jax.objectives.sft import SFT
 from glore_jax.objectives.value import ORM, SORM
@@ -13,7 +14,7 @@ OBJECTIVES: dict[str, Objective] = {
 
 def get(name: str) -> Objective:
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; valid objectives: {sorted(OBJECTIVES)}")
+        raise ConfigError(f"unknown objective {name!r}; valid objectives: {sorted(OBJECTIVES)}")
     return OBJECTIVES[name]
 
 

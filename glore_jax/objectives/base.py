@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from glore_jax.errors import ConfigError
 from glore_jax import prompts
 from glore_jax.models import ModelConfig
 
@@ -63,7 +64,7 @@ class Objective:
         name = prompt_format or self.default_format
         if prompts.get(name).head not in self.heads:
             valid = sorted(n for n, f in prompts.FORMATS.items() if f.head in self.heads)
-            raise ValueError(f"objective {self.name!r} cannot train on prompt format {name!r} (it trains the "
+            raise ConfigError(f"objective {self.name!r} cannot train on prompt format {name!r} (it trains the "
                              f"{prompts.get(name).head!r} head); valid formats: {valid}")
         return name
 

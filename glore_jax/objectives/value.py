@@ -23,7 +23,9 @@ def value_loss(params, batch: Batch, rng: jax.Array, config: models.ModelConfig,
                        want_logits=False)
     labels = batch["step_labels"]
     valid = (batch["step_end_mask"] > 0) & (labels >= 0)
-    target = jnp.clip(labels, 0.0, 1.0)  # soft labels (rollout success rates) are allowed
+    # Soft labels (rollout success rates) are allowed; records are checked to
+    # hold [0, 1] or -1 (`prompts.check_record`), and -1 positions are masked.
+    target = jnp.where(valid, labels, 0.0)
     bce = optax.sigmoid_binary_cross_entropy(out.values, target)
     weight = jnp.sum(valid)
     loss_sum = jnp.sum(jnp.where(valid, bce, 0.0))

@@ -6,14 +6,14 @@
     example = fmt.example(tok, {"question": q, "draft": d, "target": t})   # for training
 """
 
-from glore_jax.prompts.formats import (FORMATS, PromptFormat, Renderer, get, global_refiner_example,
+from glore_jax.prompts.formats import (FORMATS, PromptFormat, Renderer, check_record, get, global_refiner_example,
                                        global_refiner_prompt, local_refiner_example, local_refiner_prompt,
                                        policy_example, policy_prompt, register, value_example)
 from glore_jax.prompts.layout import (Example, FitResult, fit, fit_prompt, local_continuation, mark_bad_step,
                                       num_scorable_positions, splice_local)
 
 __all__ = [
-    "FORMATS", "PromptFormat", "Renderer", "get", "register", "Example", "FitResult", "fit", "fit_prompt",
+    "FORMATS", "PromptFormat", "Renderer", "check_record", "get", "register", "Example", "FitResult", "fit", "fit_prompt",
     "global_refiner_example", "global_refiner_prompt", "local_continuation", "local_refiner_example",
     "local_refiner_prompt", "mark_bad_step", "num_scorable_positions", "policy_example", "policy_prompt",
     "splice_local", "value_example",

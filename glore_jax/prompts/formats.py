@@ -31,6 +31,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from glore_jax.errors import ConfigError, DataError
 from glore_jax.prompts.layout import (Example, local_continuation, make_example, mark_bad_step,
                                       num_scorable_positions, solution_tokens)
 from glore_jax.tasks import is_correct
@@ -63,11 +64,40 @@ class PromptFormat:
     def check(self, source: Sequence[Record], *, name: str = "source") -> None:
         """Fails early, naming the missing fields, rather than deep inside a Grain worker."""
         if len(source) == 0:
-            raise ValueError(f"{name} is empty")
+            raise DataError(f"{name} is empty")
         missing = self.missing(source[0])
         if missing:
-            raise ValueError(f"{name} records lack fields {missing} needed by prompt format {self.name!r}; "
+            raise DataError(f"{name} records lack fields {missing} needed by prompt format {self.name!r}; "
                              f"record 0 has {sorted(source[0])}")
+
+
+# The types of the record fields formats read; a record is checked against
+# them where it enters (a records file, or the renderer for in-memory lists),
+# so "correct": "false" is an error naming the field instead of a positive.
+_TEXT_FIELDS = ("id", "question", "answer", "solution", "draft", "target", "gold", "meta")
+
+
+def check_record(record: Any) -> str | None:
+    """None if the record's known fields have valid types, else what is wrong (naming the field)."""
+    if not isinstance(record, Mapping):
+        return f"expected a JSON object, got {type(record).__name__}"
+    for key in _TEXT_FIELDS:
+        if key in record and not isinstance(record[key], str):
+            return f"field {key!r} must be a string, got {type(record[key]).__name__} {record[key]!r:.40}"
+    if "correct" in record and not isinstance(record["correct"], bool):
+        return f"field 'correct' must be a boolean (true/false), got {type(record['correct']).__name__} " \
+               f"{record['correct']!r:.40}"
+    if "bad_step" in record and (isinstance(record["bad_step"], bool) or not isinstance(record["bad_step"], int)
+                                 or record["bad_step"] < 0):
+        return f"field 'bad_step' must be a non-negative integer, got {record['bad_step']!r:.40}"
+    if "step_labels" in record:
+        labels = record["step_labels"]
+        if not isinstance(labels, list):
+            return f"field 'step_labels' must be a list of numbers, got {type(labels).__name__}"
+        for k, x in enumerate(labels):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (0.0 <= x <= 1.0 or x == -1):
+                return f"field 'step_labels'[{k}] must be a number in [0, 1] (or -1 = ignored), got {x!r:.40}"
+    return None
 
 
 FORMATS: dict[str, PromptFormat] = {}
@@ -82,7 +112,7 @@ def register(fmt: PromptFormat) -> PromptFormat:
 
 def get(name: str) -> PromptFormat:
     if name not in FORMATS:
-        raise ValueError(f"unknown prompt format {name!r}; valid formats: {sorted(FORMATS)}")
+        raise ConfigError(f"unknown prompt format {name!r}; valid formats: {sorted(FORMATS)}")
     return FORMATS[name]
 
 
@@ -96,9 +126,12 @@ class Renderer:
 
     def __call__(self, record: Record) -> Example:
         fmt = get(self.name)
+        bad = check_record(record)
+        if bad is not None:
+            raise DataError(f"record {record.get('id', '?') if isinstance(record, Mapping) else '?'}: {bad}")
         missing = fmt.missing(record)
         if missing:
-            raise KeyError(f"prompt format {self.name!r} needs fields {missing}; the record has {sorted(record)}")
+            raise DataError(f"prompt format {self.name!r} needs fields {missing}; the record has {sorted(record)}")
         return fmt.example(self.tokenizer, record)
 
 

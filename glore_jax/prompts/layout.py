@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from glore_jax.errors import ConfigError
 from glore_jax.tasks.steps import join_solution, solution_lines
 from glore_jax.tokenizer import Tokenizer
 
@@ -127,7 +128,7 @@ def fit(example: Example, max_len: int) -> FitResult:
         return FitResult(example=example, prompt_truncated=False, target_truncated=False)
     min_prompt = min(p, 2)  # <bos> and the separator right before the target
     if max_len < min_prompt + 1:
-        raise ValueError(f"max_len {max_len} cannot hold even <bos>, a separator and one target token")
+        raise ConfigError(f"max_len {max_len} cannot hold even <bos>, a separator and one target token")
     target_len = n - p
     keep_target = min(target_len, max_len - min_prompt)
     keep_prompt_tail = max_len - keep_target - 1  # prompt tokens kept after <bos>
@@ -145,5 +146,5 @@ def fit_prompt(ids: Sequence[int], max_len: int) -> tuple[list[int], bool]:
     if len(ids) <= max_len:
         return ids, False
     if max_len < 2:
-        raise ValueError(f"max_len {max_len} cannot hold <bos> and a separator")
+        raise ConfigError(f"max_len {max_len} cannot hold <bos> and a separator")
     return ids[:1] + ids[len(ids) - (max_len - 1):], True

@@ -15,6 +15,8 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
+from glore_jax.errors import ConfigError
+
 # stage -> (objective, prompt format); the order is the pipeline's. '' is the
 # objective's own format, so `--config.objective=sorm` on a stage config works.
 TRAINED_STAGES = {
@@ -103,7 +105,7 @@ def add_pipeline(config: ConfigDict, steps: dict[str, tuple], **knobs) -> Config
     config.glore = glore_knobs()
     for key, value in knobs.items():
         if key not in config.glore:
-            raise KeyError(f"unknown glore knob {key!r}; valid: {sorted(config.glore)}")
+            raise ConfigError(f"unknown glore knob {key!r}; valid: {sorted(config.glore)}")
         config.glore[key] = value
     return config
 
@@ -112,7 +114,7 @@ def stage_config(config: ConfigDict, stage: str) -> ConfigDict:
     """The shared config with one stage's objective, prompt format and train overrides applied."""
     if "stages" not in config or stage not in config.stages:
         valid = sorted(config.stages) if "stages" in config else []
-        raise ValueError(f"unknown stage {stage!r}; valid stages: {valid}")
+        raise ConfigError(f"unknown stage {stage!r}; valid stages: {valid}")
     c = copy.deepcopy(config)
     s = config.stages[stage]
     c.unlock()

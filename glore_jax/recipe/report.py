@@ -7,6 +7,8 @@ import math
 import os
 from collections.abc import Mapping
 
+from glore_jax import files
+
 def row_names(results: Mapping) -> dict[str, str]:
     """Row key -> label, in table order; best-of-N and greedy+(N-1) use the configured N."""
     n = next((int(k.split("_")[-1]) for k in results if k.startswith("best_of_")), 3)
@@ -73,6 +75,11 @@ def markdown(report: Mapping) -> str:
                   f"{_pct(ei['val_greedy_before'])} -> {_pct(ei['val_greedy_after'])}; sample accuracy on train "
                   f"questions {_pct(ei['sample_accuracy_before'])} -> {_pct(ei['sample_accuracy_after'])}; "
                   f"{ei['distinct_correct_added']} distinct correct samples added."]
+    trunc = report.get("truncation", {})
+    if trunc.get("per_stage"):
+        warnings = trunc.get("warnings") or []
+        lines += ["", "Length limits: " + ("; ".join(warnings) if warnings else "nothing was cut in more than 1% of "
+                                           "any stage's prompts, targets or completions") + "."]
     if report.get("timings"):
         total = sum(report["timings"].values())
         lines += ["", f"Stage wall-clock (s, total {total:.0f}): "
@@ -125,9 +132,6 @@ def write_report(report: Mapping, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     md = markdown(report)
     for name, text in (("report.md", md), ("report.json", json.dumps(report, indent=2, default=float))):
-        tmp = os.path.join(out_dir, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+        files.write_atomic(os.path.join(out_dir, name), text)
     plots(report, out_dir)
     return md

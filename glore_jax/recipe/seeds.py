@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 
+from glore_jax import files
 from glore_jax.data.store import RecordsFile
 from glore_jax.recipe import inference, stats
 from glore_jax.recipe.report import row_names
@@ -87,10 +88,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     md = markdown(agg)
     print(md)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(md)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(agg, f, indent=2, default=float)
+        files.write_atomic(args.out, md)
+        files.write_json(os.path.splitext(args.out)[0] + ".json", agg, indent=2, default=float)
 
 
 if __name__ == "__main__":

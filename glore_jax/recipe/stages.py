@@ -48,6 +48,18 @@ class Context:
     preset: str = ""
     config_dict: dict = dataclasses.field(default_factory=dict)   # the whole config, for the report
     models: dict[str, Model] = dataclasses.field(default_factory=dict)   # trained this run, or loaded once
+    # What the current stage cut to a length limit: its samplers and scorers, and its trainer's data.
+    _counted: list = dataclasses.field(default_factory=list)
+    _train_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def take_counts(self) -> dict[str, int]:
+        """Totals since the last call (`Workspace.run_table` calls it around each stage)."""
+        totals: dict[str, int] = defaultdict(int, self._train_counts)
+        for obj in self._counted:
+            for key, value in obj.counts().items():
+                totals[key] += value
+        self._counted, self._train_counts = [], {}
+        return dict(totals)
 
     def load_model(self, name: str, stage_dir: str) -> Model:
         """A training stage's model: the one it trained this run, or its saved final model."""
@@ -62,21 +74,30 @@ class Context:
 
     def generator(self, model: Model) -> Generator:
         cfg, params = model
-        return Generator(cfg, params, max_new=self.g.max_new_tokens, mesh=self.mesh, pad_id=self.tokenizer.pad_id,
-                         vocab_limit=self.tokenizer.vocab_size, rows=self.g.sample_rows,
-                         max_prompt_len=self.g.max_prompt_len, tokenizer=self.tokenizer)
+        gen = Generator(cfg, params, max_new=self.g.max_new_tokens, mesh=self.mesh, pad_id=self.tokenizer.pad_id,
+                        vocab_limit=self.tokenizer.vocab_size, rows=self.g.sample_rows,
+                        max_prompt_len=self.g.max_prompt_len, tokenizer=self.tokenizer)
+        self._counted.append(gen)
+        return gen
 
     def scorer(self, model: Model) -> ValueScorer:
         cfg, params = model
-        return ValueScorer(cfg, params, self.tokenizer, max_len=self.max_len, rows=self.g.sample_rows,
-                           mesh=self.mesh)
+        scorer = ValueScorer(cfg, params, self.tokenizer, max_len=self.max_len, rows=self.g.sample_rows,
+                             mesh=self.mesh)
+        self._counted.append(scorer)
+        return scorer
 
     def policy_prompts(self, questions: Sequence[str]) -> list[list[int]]:
         return [prompts.get("policy").prompt(self.tokenizer, {"question": q}) for q in questions]
 
     def train_model(self, stage: str, workdir: str, *, records: str | Sequence[dict], init: Model | None = None) -> Model:
         """Trains (or resumes, or loads when finished) one stage's model on `records`."""
-        return trainer.train(self.stages[stage], records=records, init_params=init, workdir=workdir)
+        model = trainer.train(self.stages[stage], records=records, init_params=init, workdir=workdir)
+        data = trainer.done_info(workdir).get("data", {})
+        self._train_counts = {"train_examples": data.get("examples", 0),
+                              "train_prompts_cut": data.get("prompt_truncated", 0),
+                              "train_targets_cut": data.get("target_truncated", 0)}
+        return model
 
 
 def sample_solutions(ctx: Context, policy: Model, questions: Sequence[dict], k: int, stage_dir: str,

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from glore_jax.data.store import RecordsFile
 from glore_jax.recipe import inference as inference_lib, report as report_lib, sorm_labels, stages as S
 from glore_jax.recipe.config import GloreConfig
-from glore_jax.recipe.workspace import StageIO, records_path
+from glore_jax.recipe.workspace import StageIO, records_path, truncation_warnings
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -134,6 +134,9 @@ def _report(ctx: S.Context, io: StageIO) -> dict:
         "value_eval": value["evals"], "step_truth": value["truth"],
         "stages": {k.removesuffix("_samples") if k.startswith("ei_") else k: v for k, v in summary.items()
                    if k.startswith("ei_") or k in ("orm_samples", "sorm_labels", "refine_data", "calibrate")},
+        "truncation": {"per_stage": {k: v for k, v in io.truncation.items() if v},
+                       "warnings": [f"{stage}: {w}" for stage, counts in io.truncation.items()
+                                    for w in truncation_warnings(counts)]},
         "timings": dict(io.timings), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                   "devices": [str(x) for x in jax.devices()]},
         "config": ctx.config_dict,

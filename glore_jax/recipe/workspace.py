@@ -13,12 +13,12 @@ outputs exist when it finishes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from glore_jax import files
 from glore_jax.data.store import RecordsFile, write_records
 
 DONE = "done.json"
@@ -36,6 +36,7 @@ class StageIO:
     reads: tuple[str, ...]
     resolve: Callable[[str], Any]
     timings: dict[str, float]   # seconds per stage so far (the report shows them)
+    truncation: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # counts per stage so far
 
     def __getitem__(self, name: str) -> Any:
         if name not in self.reads:
@@ -49,11 +50,17 @@ class Workspace:
         self.total = total_stages
         self.count = 0
         self.timings: dict[str, float] = {}
+        self.truncation: dict[str, dict[str, int]] = {}
         self.results: dict[str, Any] = {}
 
     def run_table(self, table: Sequence[Any], load_model: Callable[[str, str], Any], context: Any,
-                  aliases: Mapping[str, str] = {}) -> dict[str, Any]:
+                  aliases: Mapping[str, str] = {},
+                  counts: Callable[[], dict[str, int]] | None = None) -> dict[str, Any]:
         """Runs `table` in order; returns every stage's summary.
+
+        `counts()` is called after each stage that runs and returns what it
+        cut to a length limit (`truncation_warnings` names the keys); they are
+        saved with the stage and handed to later stages as `io.truncation`.
 
         A name read resolves through `aliases`, then: `x.summary` -> stage x's
         summary, `x.jsonl` -> that file in the directory of the stage that
@@ -71,8 +78,10 @@ class Workspace:
             return os.path.join(d, name) if name.endswith(".jsonl") else load_model(name, d)
 
         for stage in table:
-            io = StageIO(dir=self.stage_dir(stage.name), reads=stage.reads, resolve=resolve, timings=self.timings)
-            self.results[stage.name] = self.run(stage.name, lambda d, stage=stage, io=io: stage.run(context, io))
+            io = StageIO(dir=self.stage_dir(stage.name), reads=stage.reads, resolve=resolve, timings=self.timings,
+                         truncation=self.truncation)
+            self.results[stage.name] = self.run(stage.name, lambda d, stage=stage, io=io: stage.run(context, io),
+                                                counts=counts)
             missing = [w for w in stage.writes if w.endswith(".jsonl") and not os.path.exists(os.path.join(io.dir, w))]
             if missing:
                 raise RuntimeError(f"stage {stage.name} finished without writing its declared outputs {missing}")
@@ -81,29 +90,52 @@ class Workspace:
     def stage_dir(self, name: str) -> str:
         return os.path.join(self.root, "stages", name)
 
-    def run(self, name: str, fn: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    def run(self, name: str, fn: Callable[[str], dict[str, Any]],
+            counts: Callable[[], dict[str, int]] | None = None) -> dict[str, Any]:
         """Runs `fn(stage_dir)` unless the stage is finished; returns its (saved) result."""
         self.count += 1
         d = self.stage_dir(name)
         done = os.path.join(d, DONE)
         if os.path.exists(done):
-            with open(done) as f:
-                saved = json.load(f)
+            saved = files.read_json_file(done)
             self.timings[name] = saved["seconds"]
+            self.truncation[name] = saved.get("truncation", {})
             log(f"stage {self.count}/{self.total} {name}: already done, skipped")
             return saved["result"]
         os.makedirs(d, exist_ok=True)
         log(f"stage {self.count}/{self.total} {name}: running")
         t0 = time.perf_counter()
+        if counts is not None:
+            counts()  # start this stage's count from zero
         result = fn(d)
         seconds = time.perf_counter() - t0
         self.timings[name] = seconds
-        tmp = done + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"result": result, "seconds": seconds}, f, indent=2, default=float)
-        os.replace(tmp, done)
+        self.truncation[name] = counts() if counts is not None else {}
+        for warning in truncation_warnings(self.truncation[name]):
+            log(f"WARNING stage {name}: {warning}")
+        files.write_json(done, {"result": result, "seconds": seconds, "truncation": self.truncation[name]},
+                         indent=2, default=float)
         log(f"stage {self.count}/{self.total} {name}: done in {seconds:.0f}s")
         return result
+
+
+# (what was cut, out of how many, what to raise): the keys of the counts stages report.
+_CUT_KEYS = (("prompts_cut", "prompts", "sampled prompts cut to glore.max_prompt_len"),
+             ("completions_at_limit", "completions", "completions stopped at glore.max_new_tokens"),
+             ("scored_cut", "scored", "scored solutions cut to data.max_len"),
+             ("train_prompts_cut", "train_examples", "training prompts cut to the stage's max_len"),
+             ("train_targets_cut", "train_examples", "training targets cut to the stage's max_len"))
+WARN_FRACTION = 0.01
+
+
+def truncation_warnings(counts: Mapping[str, int]) -> list[str]:
+    """One line per kind of cut above 1% of its total, e.g. '12 of 480 sampled prompts cut to ...'."""
+    out = []
+    for cut, total, what in _CUT_KEYS:
+        n, of = counts.get(cut, 0), counts.get(total, 0)
+        if of and n / of > WARN_FRACTION:
+            out.append(f"{n} of {of} {what} ({100 * n / of:.1f}%)")
+    return out
 
 
 def sharded(stage_dir: str, items: Sequence[Any], fn: Callable[[Sequence[Any], int], list[dict]],

@@ -89,6 +89,9 @@ class Generator:
     tokenizer: object | None = None      # for `complete` (text out)
     progress: Callable[[int, int], None] | None = None
     truncated: int = 0                   # prompts cut to max_prompt_len so far
+    prompts_seen: int = 0                # prompts given so far (each counted once, whatever k)
+    at_limit: int = 0                    # completions that hit max_new (or `limit`) without stopping
+    completions_made: int = 0
 
     def __post_init__(self):
         if self.max_new < 1:
@@ -141,10 +144,18 @@ class Generator:
                     n_prefix += 1
                 state = self.sampler.rollouts(self.params, *self._pad(chunk, n_prefix), k=k, **kw)
             flat = completions(state, len(chunk) * k, stop)
+            self.prompts_seen += len(chunk)
+            self.completions_made += len(flat)
+            self.at_limit += sum(not c.stopped for c in flat)
             out.extend(flat[i * k:(i + 1) * k] for i in range(len(chunk)))
             if self.progress:
                 self.progress(min(start + per_call, len(prompts)), len(prompts))
         return out
+
+    def counts(self) -> dict[str, int]:
+        """What was cut to a length limit so far (the pipeline reports these per stage)."""
+        return {"prompts": self.prompts_seen, "prompts_cut": self.truncated,
+                "completions": self.completions_made, "completions_at_limit": self.at_limit}
 
     def complete(self, prompts: Sequence[Sequence[int]], *, k: int = 1, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> list[list[str]]:

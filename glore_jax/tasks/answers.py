@@ -18,10 +18,12 @@ _ANSWER_IS_RE = re.compile(r"the answer is[: \t]*(\$?[ \t]*[^\s]*)", re.IGNORECA
 _NUMBER_RE = re.compile(r"^([-+]?)(\d+(?:\.\d*)?|\.\d+)$")
 _FRACTION_RE = re.compile(r"^([-+]?)(\d+)\s*/\s*(\d+)$")
 _MAX_DIGITS = 40
-# Gold answers from SVAMP are rounded floats such as 3.3333333333; an exact
-# comparison would reject the model's equally valid "10/3". A number written
-# with this many decimals or more is taken as rounded in its last place.
-_ROUNDED_DECIMALS = 4
+# Integers and fractions compare exactly. A number written with a decimal
+# point may be a rounded float (a gold 3.3333333333 for the model's "10/3"),
+# so when either side has decimals they compare within a relative 1e-6 and
+# within half a unit of the coarser side's last written digit: 5.0001 is not
+# 5, 192000001.0 is not 192000000, and 0.30000000000000004 is 0.3.
+_REL_TOL = Fraction(1, 10**6)
 
 
 def parse_number(text: str | None) -> Fraction | None:
@@ -31,7 +33,13 @@ def parse_number(text: str | None) -> Fraction | None:
     sign dropped, decimals and simple fractions `a/b`. No exponents, no
     inf/nan, at most 40 digits.
     """
-    if text is None:
+    if isinstance(text, bool) or text is None:
+        return None
+    if isinstance(text, (int, Fraction)):
+        text = str(text)
+    elif isinstance(text, float):
+        text = repr(text)
+    if not isinstance(text, str):
         return None
     cleaned = text.strip().replace(",", "").replace("$", "").replace(" ", "")
     cleaned = cleaned.rstrip(".%")
@@ -64,9 +72,12 @@ def normalize_number(text: str) -> str | None:
     return None if value is None else format_number(value)
 
 
-def _decimals(text: str) -> int:
-    cleaned = text.strip().rstrip(".%")
-    return len(cleaned.split(".", 1)[1]) if "." in cleaned and "/" not in cleaned else 0
+def _places(text: object) -> int | None:
+    """Decimal places a number is written with; None for a fraction (exact at any precision)."""
+    cleaned = (repr(text) if isinstance(text, float) else str(text)).strip().rstrip(".%")
+    if "/" in cleaned:
+        return None
+    return len(cleaned.split(".", 1)[1]) if "." in cleaned else 0
 
 
 def extract_answer(solution: str) -> str | None:
@@ -82,20 +93,26 @@ def extract_answer(solution: str) -> str | None:
     return None
 
 
-def answers_match(predicted: str | None, gold: str | None) -> bool:
-    """Numeric equality of two answer strings (never raises)."""
+def answers_match(predicted: object, gold: object) -> bool:
+    """Numeric equality of two answers: exact, or within relative 1e-6 if either has decimals. Never raises."""
     try:
         pred_value, gold_value = parse_number(predicted), parse_number(gold)
         if pred_value is None or gold_value is None:
             return False
         if pred_value == gold_value:
             return True
-        decimals = max(_decimals(predicted), _decimals(gold))
-        return decimals >= _ROUNDED_DECIMALS and abs(pred_value - gold_value) <= Fraction(1, 10**decimals)
-    except (ValueError, OverflowError, ZeroDivisionError, TypeError):
+        places = [p for p in (_places(predicted), _places(gold)) if p is not None]
+        if not any(places):  # integers and fractions only: exact
+            return False
+        diff = abs(pred_value - gold_value)
+        return diff <= _REL_TOL * max(abs(pred_value), abs(gold_value)) and diff <= Fraction(1, 2 * 10**min(places))
+    except Exception:  # noqa: BLE001  grading model output must never stop a run
         return False
 
 
-def is_correct(solution: str, gold: str) -> bool:
-    """Whether the solution's final answer numerically equals `gold`. Never raises."""
-    return answers_match(extract_answer(solution), gold)
+def is_correct(solution: object, gold: object) -> bool:
+    """Whether the solution's final answer numerically equals `gold`; False on anything unparseable. Never raises."""
+    try:
+        return answers_match(extract_answer(solution), gold)
+    except Exception:  # noqa: BLE001
+        return False

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from fractions import Fraction
 from typing import Any
 
+from glore_jax.errors import ConfigError
 from glore_jax.tasks.answers import answers_match, extract_answer, format_number, parse_number
 from glore_jax.tasks.arithmetic import ExpressionError, evaluate, literals
 from glore_jax.tasks.steps import annotations, solution_lines
@@ -44,18 +45,18 @@ class SyntheticConfig:
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+            raise ConfigError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         if not 1 <= self.min_operand < self.max_operand:
-            raise ValueError(f"need 1 <= min_operand < max_operand, got {self.min_operand}, {self.max_operand}")
+            raise ConfigError(f"need 1 <= min_operand < max_operand, got {self.min_operand}, {self.max_operand}")
         if self.max_factor < 2:
-            raise ValueError(f"max_factor must be >= 2, got {self.max_factor}")
+            raise ConfigError(f"max_factor must be >= 2, got {self.max_factor}")
         if self.max_value < 2 * self.max_operand:
-            raise ValueError(f"max_value {self.max_value} must be >= 2 * max_operand {self.max_operand}")
+            raise ConfigError(f"max_value {self.max_value} must be >= 2 * max_operand {self.max_operand}")
         if not self.operators or set(self.operators) - set(_OPS) or "+" not in self.operators:
             # '+' is always possible from any state, so generation never dead-ends.
-            raise ValueError(f"operators must be a subset of {_OPS} containing '+', got {self.operators}")
+            raise ConfigError(f"operators must be a subset of {_OPS} containing '+', got {self.operators}")
         if self.train_size < 0 or self.test_size < 0:
-            raise ValueError("split sizes must be non-negative")
+            raise ConfigError("split sizes must be non-negative")
 
 
 _NAMES = (("Mia", "she", "her"), ("Leo", "he", "him"), ("Ava", "she", "her"), ("Noah", "he", "him"),
@@ -250,7 +251,7 @@ def generate_split(config: SyntheticConfig, split: str) -> Iterator[dict[str, st
     own duplicates), so no test problem is ever trained on.
     """
     if split not in ("train", "test"):
-        raise ValueError(f"synthetic splits are 'train' and 'test', got {split!r}")
+        raise ConfigError(f"synthetic splits are 'train' and 'test', got {split!r}")
     seen: set[tuple] = set()
     order = ("test", "train") if split == "train" else ("test",)
     for part in order:
@@ -259,7 +260,7 @@ def generate_split(config: SyntheticConfig, split: str) -> Iterator[dict[str, st
         while count < size:
             attempts += 1
             if attempts > 20 * size + 1000:
-                raise ValueError(f"cannot find {size} distinct problems for {part}; widen the config")
+                raise ConfigError(f"cannot find {size} distinct problems for {part}; widen the config")
             meta = sample_problem(rng, config)
             key = _structure(meta)
             if key in seen:

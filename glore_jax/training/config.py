@@ -20,12 +20,13 @@ from typing import Any
 
 from ml_collections import ConfigDict, config_dict
 
+from glore_jax.errors import ConfigError
 from glore_jax.models import PRESETS, ModelConfig, preset
 from glore_jax.sharding import MeshConfig
 from glore_jax.tasks import TASKS, SyntheticConfig
 
 # ModelConfig fields a config may override on top of its preset. Those that
-# change param shapes are ignored with `init_from` (the checkpoint decides).
+# change param shapes must agree with a model loaded by `init_from` or resume.
 MODEL_OVERRIDES = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                    "dtype", "remat")
 COMPUTE_OVERRIDES = ("dtype", "remat")
@@ -57,6 +58,7 @@ def base_config() -> ConfigDict:
     c.data.prompt_format = ""           # '' = the objective's default
     c.data.records = ""                 # a records file (data.store) replacing the task split
     c.data.eval_records = ""
+    c.data.skip_bad_records = False     # skip (and count) malformed lines of records files instead of failing
     c.data.max_len = 512
     c.data.pack = False                 # several examples per row, each its own segment (data.packing)
     c.data.data_dir = ""                # TFDS dir; '' = <workdir>/tfds
@@ -97,22 +99,22 @@ def check(config: ConfigDict) -> None:
     from glore_jax import objectives  # late: objectives import models, which is heavy
     objectives.get(config.objective)
     if config.model.dtype not in (None, "auto", "float32", "bfloat16"):
-        raise ValueError(f"model.dtype {config.model.dtype!r} unknown; valid: auto, float32, bfloat16")
+        raise ConfigError(f"model.dtype {config.model.dtype!r} unknown; valid: auto, float32, bfloat16")
     if config.model.preset not in PRESETS:
-        raise ValueError(f"model.preset {config.model.preset!r} unknown; valid presets: {sorted(PRESETS)}")
+        raise ConfigError(f"model.preset {config.model.preset!r} unknown; valid presets: {sorted(PRESETS)}")
     if config.data.task not in TASKS:
-        raise ValueError(f"data.task {config.data.task!r} unknown; valid tasks: {list(TASKS)}")
+        raise ConfigError(f"data.task {config.data.task!r} unknown; valid tasks: {list(TASKS)}")
     if not config.workdir:
-        raise ValueError("workdir must be set (e.g. --config.workdir=/tmp/run)")
+        raise ConfigError("workdir must be set (e.g. --config.workdir=/tmp/run)")
     t = config.train
     for key in ("total_steps", "batch_size", "grad_accum", "log_every", "eval_batches", "checkpoint_every",
                 "max_to_keep"):
         if t[key] <= 0:
-            raise ValueError(f"train.{key} must be positive, got {t[key]}")
+            raise ConfigError(f"train.{key} must be positive, got {t[key]}")
     if t.batch_size % t.grad_accum:
-        raise ValueError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}")
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}")
     if t.learning_rate <= 0 or t.warmup_steps < 0 or t.grad_clip < 0 or t.eval_every < 0:
-        raise ValueError("train.learning_rate must be > 0 and warmup_steps, grad_clip, eval_every >= 0")
+        raise ConfigError("train.learning_rate must be > 0 and warmup_steps, grad_clip, eval_every >= 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -144,6 +146,7 @@ class DataConfig:
     prompt_format: str
     records: str
     eval_records: str
+    skip_bad_records: bool
     max_len: int
     pack: bool
     data_dir: str
@@ -172,6 +175,19 @@ class ModelSpec:
         """The overrides that may change on top of a loaded checkpoint (shape knobs belong to it)."""
         return {k: v for k, v in self.overrides if k in COMPUTE_OVERRIDES}
 
+    def check_loaded(self, model: ModelConfig, source: str) -> None:
+        """Fails if a shape override disagrees with a model loaded from `source` (it cannot apply).
+
+        Under `init_from` or on resume the checkpoint decides the shapes; an
+        override that asks for other shapes would otherwise be dropped while
+        `config.json` records it as used.
+        """
+        for key, value in self.overrides:
+            if key not in COMPUTE_OVERRIDES and getattr(model, key) != value:
+                raise ConfigError(f"model.{key}={value} cannot apply: the model comes from {source}, whose "
+                                  f"{key} is {getattr(model, key)}; remove the override (shapes belong to the "
+                                  "loaded model)")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Experiment:
@@ -197,7 +213,8 @@ def experiment(config: ConfigDict) -> Experiment:
     d = config.data
     synthetic = SyntheticConfig(**{k: d.synthetic[k] for k in SYNTHETIC_KEYS}) if d.task == "synthetic" else None
     data = DataConfig(task=d.task, split=d.split, eval_split=d.eval_split, prompt_format=d.prompt_format,
-                      records=d.records, eval_records=d.eval_records, max_len=d.max_len, pack=d.pack,
+                      records=d.records, eval_records=d.eval_records,
+                      skip_bad_records=d.skip_bad_records, max_len=d.max_len, pack=d.pack,
                       data_dir=d.data_dir or os.path.join(config.workdir, "data"), manual_dir=d.manual_dir,
                       tokenizer=d.tokenizer, tokenizer_vocab_size=d.tokenizer_vocab_size, synthetic=synthetic)
     overrides = tuple((k, resolve_dtype(v) if k == "dtype" else v) for k in MODEL_OVERRIDES
@@ -227,5 +244,5 @@ def round_vocab(n: int) -> int:
 
 def check_vocab(model: ModelConfig, tokenizer_vocab: int) -> None:
     if model.vocab_size < tokenizer_vocab:
-        raise ValueError(f"model vocab_size {model.vocab_size} is smaller than the tokenizer's "
+        raise ConfigError(f"model vocab_size {model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer_vocab} (sentencepiece pieces plus control tokens)")

@@ -17,6 +17,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from glore_jax.errors import ConfigError
 from glore_jax import data, prompts
 from glore_jax.data.labelled import SyntheticLabelled
 from glore_jax.data.store import RecordsFile
@@ -31,7 +32,7 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
     if cfg.tokenizer:
         return Tokenizer.load(cfg.tokenizer)
     if cfg.task != "synthetic":
-        raise ValueError(f"data.tokenizer must name a sentencepiece model for task {cfg.task!r}; "
+        raise ConfigError(f"data.tokenizer must name a sentencepiece model for task {cfg.task!r}; "
                          "only the synthetic task trains its own")
     key = json.dumps({"synthetic": {k: getattr(cfg.synthetic, k) for k in SYNTHETIC_KEYS},
                       "vocab": cfg.tokenizer_vocab_size}, sort_keys=True)
@@ -57,14 +58,15 @@ def resolve_source(cfg: DataConfig, prompt_format: str, records: Source | str | 
                    records_path: str, *, seed: int) -> Source | None:
     """records (list or path) > records_path from the config > the task split; None if none is set."""
     if records is not None:
-        source = RecordsFile(records) if isinstance(records, (str, os.PathLike)) else records
+        source = (RecordsFile(records, skip_bad=cfg.skip_bad_records) if isinstance(records, (str, os.PathLike))
+                  else records)
     elif records_path:
-        source = RecordsFile(records_path)
+        source = RecordsFile(records_path, skip_bad=cfg.skip_bad_records)
     elif split:
         source = task_split(cfg, split)
         if not prompts.get(prompt_format).task_records:
             if cfg.task != "synthetic":
-                raise ValueError(f"prompt format {prompt_format!r} needs labelled records for task "
+                raise ConfigError(f"prompt format {prompt_format!r} needs labelled records for task "
                                  f"{cfg.task!r}: set data.records (or pass records=...)")
             source = SyntheticLabelled(source, seed=seed)
     else:

@@ -1,7 +1,8 @@
 """Where training metrics go: `metrics.jsonl`, TensorBoard events, and a progress bar or log lines.
 
 Only process 0 writes. On resume, jsonl lines past the restored step are
-dropped: they describe steps that will be run again.
+dropped: they describe steps that will be run again; so is a torn last line
+that a kill left mid-append (`files.read_jsonl`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 from typing import Any
 
 import jax
+
+from glore_jax import files
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -55,10 +58,11 @@ class MetricsWriter:
         if not self.enabled:
             return
         if os.path.exists(self._path):
-            with open(self._path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self._path, "w") as f:
-                f.writelines(kept)
+            rows, torn = files.read_jsonl(self._path)
+            if torn:
+                logging.warning("%s: dropped a torn last line (a kill cut its append)", self._path)
+            files.write_atomic(self._path, "".join(json.dumps(r) + "\n" for r in rows
+                                                   if r.get("step", 0) <= resume_step))
         from tensorboardX import SummaryWriter  # heavy import, only on the writing process
         self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
@@ -66,8 +70,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with open(self._path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        files.append_line(self._path, json.dumps(row))
         for key, value in row.items():
             if key != "step":
                 self._tb.add_scalar(key, value, step)

@@ -24,6 +24,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from glore_jax import files
 from glore_jax.models import checkpoints as model_checkpoints
 from glore_jax.training import metrics as metrics_lib
 from glore_jax.training.checkpoints import MODEL_DIR, Checkpoints
@@ -78,8 +79,7 @@ class Session:
                      "prompt_format": run.prompt_format}
         self.saved_frozen = tuple(s.name for s in run.objective.frozen if s.checkpoint)
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(run.exp.source_json)
+            files.write_atomic(os.path.join(workdir, "config.json"), run.exp.source_json)
         self.ckpts = Checkpoints(workdir, max_to_keep=self.t.max_to_keep)
         self.writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
         self.progress = metrics_lib.Progress(start, self.t.total_steps,
@@ -149,12 +149,19 @@ class Session:
                             step, self.t.total_steps, self.run.exp.workdir)
             raise Preempted(step)
 
-    def finish(self, state) -> tuple[Any, Any]:
-        """Saves the final model and the done marker; returns (model config, params)."""
+    def finish(self, state, data_stats: dict[str, int] | None) -> tuple[Any, Any]:
+        """Saves the final model and the done marker (with what the data cut); returns (model config, params)."""
         self.ckpts.wait()
         workdir = self.run.exp.workdir
         model_checkpoints.save_model(os.path.join(workdir, MODEL_DIR), self.run.model, state.params)
+        stats = dict(data_stats or {})
+        if stats.get("examples"):
+            for key in ("prompt_truncated", "target_truncated"):
+                if stats.get(key, 0) / stats["examples"] > 0.01:
+                    logging.warning("%s: %d of %d training examples had their %s cut to data.max_len=%d",
+                                    workdir, stats[key], stats["examples"], key.split("_")[0],
+                                    self.run.exp.data.max_len)
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, DONE_FILE), "w") as f:
-                json.dump({"step": self.t.total_steps, "objective": self.run.objective.name}, f)
+            files.write_json(os.path.join(workdir, DONE_FILE),
+                             {"step": self.t.total_steps, "objective": self.run.objective.name, "data": stats})
         return self.run.model, state.params

@@ -1,0 +1,51 @@
+"""What the command lines share: flag parsing that names a bad config key, and one-line user errors.
+
+`python -m glore_jax.train` and `python -m glore_jax.pipeline` run through
+`main`: a bad flag or config override, or any `errors.UserError` raised
+while running, prints one `error: ...` line and exits with code 2; a bug
+keeps its traceback. `--verbose` shows the traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app, flags
+
+from glore_jax import errors
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors (bad config, data, paths) too.")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser; a bad flag, config file or override becomes one line naming it, and exit 2."""
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+            if not os.path.isfile(path):
+                _fail(f"config file {path} does not exist (--config)")
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, flags.Error, errors.UserError, SyntaxError, OSError) as e:
+        overrides = [a.split("=", 1)[0][len("--config."):] for a in argv[1:] if a.startswith("--config.")]
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        name = text.strip("\"'")
+        bad = [o for o in overrides if name and name in o.split(".")]
+        if bad and isinstance(e, (AttributeError, KeyError)):
+            _fail(f"unknown config key {bad[0]!r} (no {name!r} at that level; check its spelling against the "
+                  "config file)")
+        _fail(text)
+
+
+def main(run: Callable[[list[str]], object]) -> None:
+    """`app.run(run)` with `parse_flags` and `UserError` -> one line, exit 2."""
+    def wrapped(argv: list[str]) -> None:
+        errors.run_cli(lambda: run(argv), verbose=_VERBOSE.value)
+    app.run(wrapped, flags_parser=parse_flags)
