@@ -16,6 +16,9 @@ import os
 from glore_jax.files import read_json_file, write_json
 
 MANIFEST = "glore_checksums.json"
+# Orbax rewrites a step's top-level metadata (timestamps) when it publishes
+# the step, after our manifest is written; it holds no array data.
+_UNCHECKED = {MANIFEST, "_CHECKPOINT_METADATA"}
 
 
 def _files(directory: str) -> list[str]:
@@ -23,7 +26,7 @@ def _files(directory: str) -> list[str]:
     for root, _, names in os.walk(directory):
         for name in names:
             rel = os.path.relpath(os.path.join(root, name), directory)
-            if rel != MANIFEST:
+            if rel not in _UNCHECKED:
                 out.append(rel)
     return sorted(out)
 

@@ -132,7 +132,10 @@ class Renderer:
         missing = fmt.missing(record)
         if missing:
             raise DataError(f"prompt format {self.name!r} needs fields {missing}; the record has {sorted(record)}")
-        return fmt.example(self.tokenizer, record)
+        try:
+            return fmt.example(self.tokenizer, record)
+        except DataError as e:
+            raise DataError(f"record {record.get('id', '?')} in format {self.name!r}: {e}") from None
 
 
 def _solution(record: Record) -> str:

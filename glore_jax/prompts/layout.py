@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from glore_jax.errors import ConfigError
+from glore_jax.errors import ConfigError, DataError
 from glore_jax.tasks.steps import join_solution, solution_lines
 from glore_jax.tokenizer import Tokenizer
 
@@ -75,7 +75,7 @@ def make_example(prompt: list[int], target: list[int], *, step_ends: Sequence[in
     step_end_mask[positions] = 1.0
     if labels is not None:
         if len(labels) != len(positions):
-            raise ValueError(f"got {len(labels)} step labels for {len(positions)} scorable positions "
+            raise DataError(f"got {len(labels)} step labels for {len(positions)} scorable positions "
                              f"(steps plus the final-answer line)")
         step_labels[positions] = np.asarray(labels, np.float32)
     return Example(tokens=tokens, loss_mask=loss_mask, step_end_mask=step_end_mask,
@@ -98,7 +98,7 @@ def mark_bad_step(tok: Tokenizer, draft: str, bad_step: int) -> list[int]:
     """
     lines = solution_lines(draft)
     if not 0 <= bad_step < len(lines.spans):
-        raise ValueError(f"bad_step {bad_step} out of range: the draft has {len(lines.steps)} steps"
+        raise DataError(f"bad_step {bad_step} out of range: the draft has {len(lines.steps)} steps"
                          f"{' and a final line' if lines.final is not None else ''}")
     line_start = lines.spans[bad_step][0]
     ids, spans = tok.encode_with_offsets(draft)

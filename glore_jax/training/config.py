@@ -106,6 +106,10 @@ def check(config: ConfigDict) -> None:
         raise ConfigError(f"data.task {config.data.task!r} unknown; valid tasks: {list(TASKS)}")
     if not config.workdir:
         raise ConfigError("workdir must be set (e.g. --config.workdir=/tmp/run)")
+    mesh = {k: config.mesh[k] for k in ("data", "fsdp", "tensor")}
+    if list(mesh.values()).count(-1) > 1 or any(v == 0 or v < -1 for v in mesh.values()):
+        raise ConfigError(f"mesh {mesh}: each of mesh.data, mesh.fsdp, mesh.tensor must be positive, and at most "
+                          "one may be -1 (all remaining devices)")
     t = config.train
     for key in ("total_steps", "batch_size", "grad_accum", "log_every", "eval_batches", "checkpoint_every",
                 "max_to_keep"):

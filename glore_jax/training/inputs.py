@@ -51,7 +51,8 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
 
 
 def task_split(cfg: DataConfig, split: str) -> Source:
-    return data.load(cfg.task, split, cfg.data_dir, manual_dir=cfg.manual_dir or None, synthetic=cfg.synthetic)
+    return data.load(cfg.task, split, cfg.data_dir, manual_dir=cfg.manual_dir or None, synthetic=cfg.synthetic,
+                     skip_malformed=cfg.skip_bad_records)
 
 
 def resolve_source(cfg: DataConfig, prompt_format: str, records: Source | str | None, split: str,

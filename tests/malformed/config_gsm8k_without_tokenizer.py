@@ -1,0 +1,15 @@
+"""Malformed on purpose (tests/test_malformed.py): gsm8k without a tokenizer file"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs"))
+import smoke  # noqa: E402
+
+
+def get_config():
+    c = smoke.get_config()
+    c.workdir = "/tmp/glore_malformed_unused"
+    c.data.task = "gsm8k"
+    c.data.manual_dir = "/nonexistent"
+    return c
