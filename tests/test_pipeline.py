@@ -24,6 +24,11 @@ def _check_report(report):
         assert 0 <= results["p_vs_greedy"][row] <= 1, row
     assert report["num_test"] == report["config"]["glore"]["test_questions"] and "seed" in report
     assert set(report["timings"]) >= {"policy", "calibrate", "inference", "value_eval"}
+    # What each stage cut to a length limit is counted: sampled prompts, completions, training examples.
+    per_stage = report["truncation"]["per_stage"]
+    assert per_stage["orm_samples"]["prompts"] > 0 and per_stage["orm_samples"]["completions"] > 0
+    assert per_stage["policy"]["train_examples"] > 0 and per_stage["inference"]["scored"] > 0
+    assert isinstance(report["truncation"]["warnings"], list)
 
 
 def _pipeline(workdir, **kw):
@@ -33,7 +38,9 @@ def _pipeline(workdir, **kw):
 
 
 def _files(root):
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in pathlib.Path(root).rglob("*") if p.is_file()}
+    # LOCK is the workdir lock (glore_jax.files.WorkdirLock): every run takes it, so it is rewritten.
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in pathlib.Path(root).rglob("*")
+            if p.is_file() and p.name != "LOCK"}
 
 
 def test_smoke_pipeline_resumes_after_a_kill_and_reruns_do_no_work(tmp_path):

@@ -20,8 +20,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from glore_jax.errors import DataError
 from glore_jax import prompts
+from glore_jax.errors import DataError
 from glore_jax.tasks import ERROR_KINDS, first_wrong_step, inject_error, is_correct
 
 

@@ -16,8 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from glore_jax.errors import CheckpointError, MissingPathError
 from glore_jax import checksums, files, sharding as shd
+from glore_jax.errors import CheckpointError, MissingPathError
 from glore_jax.models.config import ModelConfig
 from glore_jax.models.params import Params, abstract_params, check_params, param_shardings
 

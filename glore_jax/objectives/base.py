@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from glore_jax.errors import ConfigError
 from glore_jax import prompts
+from glore_jax.errors import ConfigError
 from glore_jax.models import ModelConfig
 
 Batch = dict[str, jax.Array]

@@ -84,9 +84,13 @@ def check_record(record: Any) -> str | None:
     for key in _TEXT_FIELDS:
         if key in record and not isinstance(record[key], str):
             return f"field {key!r} must be a string, got {type(record[key]).__name__} {record[key]!r:.40}"
-    if "correct" in record and not isinstance(record["correct"], bool):
-        return f"field 'correct' must be a boolean (true/false), got {type(record['correct']).__name__} " \
-               f"{record['correct']!r:.40}"
+    if "correct" in record:
+        # A bool; a sampling stage's record grades each of its candidates: a list or a dict of bools.
+        correct = record["correct"]
+        values = correct.values() if isinstance(correct, dict) else correct if isinstance(correct, list) else [correct]
+        if not all(isinstance(c, bool) for c in values):
+            return f"field 'correct' must be a boolean (true/false), or a list or object of them, got " \
+                   f"{type(correct).__name__} {correct!r:.40}"
     if "bad_step" in record and (isinstance(record["bad_step"], bool) or not isinstance(record["bad_step"], int)
                                  or record["bad_step"] < 0):
         return f"field 'bad_step' must be a non-negative integer, got {record['bad_step']!r:.40}"
@@ -180,7 +184,9 @@ def _orm_example(tok: Tokenizer, r: Record) -> Example:
     # Every step carries the final outcome, so the head learns to predict from
     # any prefix whether this solution will end up right.
     solution = _solution(r)
-    correct = bool(r["correct"]) if "correct" in r else is_correct(solution, r["gold"])
+    if "correct" in r and not isinstance(r["correct"], bool):
+        raise DataError(f"the orm format needs 'correct' to be one boolean, got {r['correct']!r:.40}")
+    correct = r["correct"] if "correct" in r else is_correct(solution, r["gold"])
     return value_example(tok, r["question"], solution, [float(correct)] * num_scorable_positions(solution))
 
 

@@ -27,9 +27,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh
 
-from glore_jax.errors import ConfigError
 from glore_jax import checksums, models
-from glore_jax.errors import CheckpointError, MissingPathError
+from glore_jax.errors import CheckpointError, ConfigError, MissingPathError
 from glore_jax.models import ModelConfig, checkpoints as model_checkpoints
 from glore_jax.training.config import round_vocab
 from glore_jax.training.state import TrainState
@@ -68,7 +67,7 @@ class Checkpoints:
         # Runs on Orbax's save thread after the step is finalized and before
         # its temp dir is renamed into place (or, on filesystems without
         # renames, before it is marked complete).
-        step = self._saving.pop(0)
+        step = self._saving[-1]
         if jax.process_index() != 0:
             return
         final = os.path.join(self.directory, str(step))
@@ -93,7 +92,7 @@ class Checkpoints:
         if frozen:
             items["frozen"] = ocp.args.StandardSave({k: state.frozen[k] for k in frozen})
         self._manager.wait_until_finished()  # one save in flight, so the manifest callback knows its step
-        self._saving.append(step)
+        self._saving = [step]
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         return step
 

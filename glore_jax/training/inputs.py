@@ -17,8 +17,8 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from glore_jax.errors import ConfigError
 from glore_jax import data, prompts
+from glore_jax.errors import ConfigError
 from glore_jax.data.labelled import SyntheticLabelled
 from glore_jax.data.store import RecordsFile
 from glore_jax.tokenizer import Tokenizer, train_tokenizer
