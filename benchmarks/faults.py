@@ -7,9 +7,10 @@ SIGTERMed) at random moments and restarted until it finishes; at some kills
 the newest checkpoint step is also damaged (bytes zeroed or the file
 truncated), which the restart must detect, move aside and fall back from.
 The final params must equal an uninterrupted run's. Pipeline: the smoke
-pipeline is SIGKILLed at random moments, with a checkpoint of the running
-stage damaged at some of them, and restarted until it finishes; its
-report's results must equal an uninterrupted run's.
+pipeline is killed once inside each of several random stages, with the
+running stage's newest checkpoint damaged at some of them, and restarted
+until it finishes; its report's results must equal an uninterrupted run's.
+Every 4th kill is a SIGTERM (a preemption notice) instead of a SIGKILL.
 
 Prints and saves: points, kills, corruptions, mismatches, per part.
 """
@@ -84,7 +85,7 @@ def _last_step(metrics: pathlib.Path) -> int:
 def _kill(proc: subprocess.Popen, rng: random.Random, root: pathlib.Path, corrupt_p: float, log: list,
           event: dict) -> int:
     """Kills `proc` (mostly SIGKILL, sometimes SIGTERM), maybe damages a checkpoint; returns 1 if it corrupted."""
-    sig = signal.SIGTERM if rng.random() < 0.2 else signal.SIGKILL
+    sig = signal.SIGTERM if len(log) % 4 == 3 else signal.SIGKILL  # every 4th kill is a preemption notice
     proc.send_signal(sig)
     proc.communicate()
     event = {"kill": len(log) + 1, **event, "signal": sig.name}
@@ -142,21 +143,25 @@ def train_part(tmp: pathlib.Path, rng: random.Random, points: int, steps: int) -
 
 
 def pipeline_part(tmp: pathlib.Path, rng: random.Random, points: int) -> dict:
-    """Kills at `points` random moments spread over the clean run's duration, then finishes."""
+    """Kills once inside each of `points` random stages (in the clean run's order), then finishes."""
     ref, faulty = tmp / "pipe_ref", tmp / "pipe_faulty"
     t0 = time.perf_counter()
     _finish(_pipeline_cmd(ref))
     clean_s = time.perf_counter() - t0
+    order = sorted((d for d in (ref / "stages").iterdir() if d.name != "report"),
+                   key=lambda d: (d / "done.json").stat().st_mtime)
+    targets = sorted(rng.sample(range(len(order)), points))
     log: list = []
     corruptions = 0
-    for _ in range(points):
+    for index in targets:
+        stage = faulty / "stages" / order[index].name
         proc = _popen(_pipeline_cmd(faulty))
-        delay = rng.uniform(5.0, max(10.0, clean_s / points))
-        try:
-            proc.wait(timeout=delay)
-            break  # finished before the kill: fewer points than asked, reported as such
-        except subprocess.TimeoutExpired:
-            corruptions += _kill(proc, rng, faulty, 0.3, log, {"after_s": round(delay, 1)})
+        while not stage.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.5, 4.0))  # somewhere inside the stage (or just after it, for a quick one)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the pipeline exited before stage {stage.name}: {proc.communicate()[0][-3000:]}")
+        corruptions += _kill(proc, rng, faulty, 0.5, log, {"in_stage": stage.name})
     _finish(_pipeline_cmd(faulty))
     a, b = (json.loads((d / "report.json").read_text())["results"] for d in (ref, faulty))
     differ = sorted(k for k in set(a) | set(b)

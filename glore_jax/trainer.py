@@ -164,7 +164,7 @@ def train(config: ConfigDict | Experiment, *, objective: str | Objective | None 
         (default `config.init_from`); ignored when the workdir already has checkpoints.
     """
     exp = _experiment(config, objective if isinstance(objective, str) else None, workdir, init_from)
-    obj = objective if isinstance(objective, Objective) else objectives.get(exp.objective)
+    obj = objective if isinstance(objective, Objective) else objectives.get(exp.objective, exp)
     os.makedirs(exp.workdir, exist_ok=True)
     # One writer per workdir: a second trainer would interleave metrics and race inside Orbax.
     with files.WorkdirLock(exp.workdir) if jax.process_index() == 0 else contextlib.nullcontext():
@@ -196,10 +196,10 @@ def _train(exp: Experiment, obj: Objective, records, eval_records, source, evalu
     model, state, data_state = _start(exp, obj, mesh, tokenizer, tx, init_params)
     run = Run(exp=exp, objective=obj, prompt_format=prompt_format, mesh=mesh, tokenizer=tokenizer, model=model,
               records=train_records, eval_records=resolve(eval_records, exp.data.eval_split, exp.data.eval_records))
-    experience = (source or Run.offline)(run)
+    experience = (source or obj.experience or Run.offline)(run)
     if data_state is not None:
         experience.restore(data_state)
-    hooks = [make(run) for make in ((_loss_eval,) + tuple(evaluators))]
+    hooks = [make(run) for make in ((obj.evaluate or _loss_eval,) + tuple(evaluators))]
     return _loop(run, state, experience, [h for h in hooks if h is not None], tx)
 
 
@@ -241,7 +241,8 @@ def _loop(run: Run, state: state_lib.TrainState, source: ExperienceSource, evalu
             if step + 1 < t.total_steps:  # fetched while the step runs on device
                 batch = source.next(state.params, step + 1, jax.random.fold_in(rng, step + 1))
             session.record(step + 1, jax.device_get(metrics), padded,
-                           evaluate=lambda: {k: v for e in evaluators for k, v in e(state.params, state.frozen).items()})
+                           evaluate=lambda: {k: v for e in evaluators for k, v in e(state.params, state.frozen).items()},
+                           source_metrics=getattr(source, "metrics", None))
             session.maybe_checkpoint(step + 1, state, source_state)
         stats = getattr(source, "stats", None)
         if stats is not None and getattr(run.records, "skipped", 0):

@@ -1,5 +1,5 @@
-"""The training loop's on-policy interface: a source that samples the current policy, a REINFORCE step,
-a frozen reference, and exact resume after kill -9."""
+"""On-policy RL in the one loop: `grpo` samples the current policy, steps on a reused batch (rl.mu = 2),
+keeps a frozen reference, logs the RL metrics, and resumes exactly after kill -9."""
 
 import json
 import os
@@ -59,7 +59,7 @@ def _job(workdir, tok, init, steps):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_reinforce_on_policy_learns_signal_and_resumes_exactly_after_kill_9(warm_policy, tmp_path):
+def test_grpo_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tmp_path):
     tok, policy = warm_policy
     steps = 8
     out, _ = _job(tmp_path / "straight", tok, policy, steps).communicate(timeout=600)
@@ -70,6 +70,10 @@ def test_reinforce_on_policy_learns_signal_and_resumes_exactly_after_kill_9(warm
     assert 0 < np.mean(rewards) < 1, rewards      # the group baseline has something to subtract
     assert any(abs(r["loss"]) > 1e-6 for r in straight) and all(r["kl"] == r["kl"] for r in straight)
     assert abs(straight[0]["kl"]) < 1e-6          # step 1 samples the reference itself
+    assert straight[0]["ratio"] == 1.0 and straight[1]["ratio"] != 1.0   # step 2 reuses step 1's rollouts
+    for key in ("reward_std", "accuracy", "clip_fraction", "entropy", "completion_length", "cut_at_limit",
+                "sample_tokens_per_sec", "train_tokens_per_sec", "peak_rss_gb"):
+        assert key in straight[-1], key
 
     killed = tmp_path / "killed"
     proc = _job(killed, tok, policy, steps)

@@ -1,6 +1,11 @@
-"""Training objectives, chosen by name. Adding one: a module defining an `Objective`, plus one line here."""
+"""Training objectives, chosen by name. Adding one: a module defining an `Objective`, plus one line here.
+
+Objectives whose loss depends on config knobs (`grpo` reads `rl.*`) are
+registered as builders `experiment -> Objective` and built by `get(name, exp)`.
+"""
 
 from glore_jax.errors import ConfigError
+from glore_jax.objectives import grpo
 from glore_jax.objectives.base import Batch, FrozenSpec, Metrics, Objective, finalize, pair
 from glore_jax.objectives.sft import SFT
 from glore_jax.objectives.value import ORM, SORM
@@ -12,10 +17,18 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def get(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {name!r}; valid objectives: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name]
+BUILDERS = {
+    "grpo": lambda exp: grpo.build(exp.rl, exp.train.batch_size),   # rl.estimator: grpo | rloo | reinforce
+}
 
 
-__all__ = ["OBJECTIVES", "Batch", "FrozenSpec", "Metrics", "Objective", "finalize", "get", "pair"]
+def get(name: str, exp=None) -> Objective | None:
+    """The objective `name`; builders need the `Experiment` (without one, the name is only checked: None)."""
+    if name in OBJECTIVES:
+        return OBJECTIVES[name]
+    if name in BUILDERS:
+        return BUILDERS[name](exp) if exp is not None else None
+    raise ConfigError(f"unknown objective {name!r}; valid objectives: {sorted(OBJECTIVES) + sorted(BUILDERS)}")
+
+
+__all__ = ["BUILDERS", "OBJECTIVES", "Batch", "FrozenSpec", "Metrics", "Objective", "finalize", "get", "pair"]

@@ -58,6 +58,10 @@ class Objective:
     heads: tuple[str, ...]               # model heads the loss reads: ('lm',) or ('value',)
     default_format: str                  # a `glore_jax.prompts` format; any format training these heads works
     frozen: tuple[FrozenSpec, ...] = ()  # pytrees the loss reads besides the trained params
+    # The experience it needs, `run -> ExperienceSource` (None: the configured records, batched), and
+    # what judges it, `run -> Evaluator | None` (None: the loss on held-out batches).
+    experience: Callable[[Any], Any] | None = None
+    evaluate: Callable[[Any], Any] | None = None
 
     def check_format(self, prompt_format: str) -> str:
         """The format to use ('' means the default), or an error naming the valid ones."""

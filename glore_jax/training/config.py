@@ -22,6 +22,7 @@ from ml_collections import ConfigDict, config_dict
 
 from glore_jax.errors import ConfigError
 from glore_jax.models import PRESETS, ModelConfig, preset
+from glore_jax.rl.config import RLConfig, rl_knobs
 from glore_jax.sharding import MeshConfig
 from glore_jax.tasks import TASKS, SyntheticConfig
 
@@ -86,6 +87,8 @@ def base_config() -> ConfigDict:
     c.train.checkpoint_every = 200
     c.train.max_to_keep = 2
     c.train.peak_tflops = 0.0           # per device, for MFU; 0 = guess from the device kind
+
+    c.rl = rl_knobs()                   # on-policy RL objectives (`grpo`); see glore_jax.rl.config
     return c
 
 
@@ -205,6 +208,7 @@ class Experiment:
     data: DataConfig
     mesh: MeshConfig
     train: TrainConfig
+    rl: RLConfig = RLConfig()
     source_json: str = "{}"                 # the ConfigDict as given, saved as the workdir's config.json
 
     def replace(self, **changes) -> "Experiment":
@@ -226,6 +230,7 @@ def experiment(config: ConfigDict) -> Experiment:
     return Experiment(objective=config.objective, workdir=os.path.abspath(config.workdir), seed=config.seed,
                       init_from=config.init_from, model=ModelSpec(preset=config.model.preset, overrides=overrides),
                       data=data, mesh=mesh_config(config), train=TrainConfig(**config.train.to_dict()),
+                      rl=RLConfig(**config.rl.to_dict()) if "rl" in config else RLConfig(),
                       source_json=config.to_json_best_effort(indent=2))
 
 

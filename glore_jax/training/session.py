@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import threading
 import time
@@ -30,6 +31,11 @@ from glore_jax.training import metrics as metrics_lib
 from glore_jax.training.checkpoints import MODEL_DIR, Checkpoints
 
 DONE_FILE = "train_done.json"
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class Preempted(Exception):
@@ -109,8 +115,14 @@ class Session:
         return bool(self.t.eval_every and step % self.t.eval_every == 0) or step == self.t.total_steps
 
     def record(self, step: int, metrics: dict[str, Any], padded_tokens: int,
-               evaluate: Callable[[], dict[str, float]]) -> None:
-        """Checks, accumulates and (when due) logs step `step`'s metrics, with evals on the same row."""
+               evaluate: Callable[[], dict[str, float]],
+               source_metrics: Callable[[], dict[str, float]] | None = None) -> None:
+        """Checks, accumulates and (when due) logs step `step`'s metrics, with evals on the same row.
+
+        `source_metrics()` is the experience source's own figures since its last call (an on-policy
+        source's sampling time and tokens/s); with `sample_seconds` among them, the train step's own
+        throughput is logged apart from sampling as `train_tokens_per_sec`.
+        """
         if not metrics.pop("finite"):
             kept = f"checkpoint at step {self.last_saved}" if self.last_saved is not None else "no checkpoint yet"
             raise NonFiniteLoss(
@@ -118,6 +130,8 @@ class Session:
                 f"was discarded and nothing was saved ({kept} is the last good state)")
         if step == self.start + 1:  # the first step compiles; keep it out of the throughput window
             self._reset_window()
+            if source_metrics is not None:
+                source_metrics()
         else:
             self.window_steps += 1
             for k, v in {**metrics, "padded": padded_tokens}.items():
@@ -132,6 +146,15 @@ class Session:
                 # Non-pad tokens only: pad positions cost compute but do no work.
                 logged["mfu"] = self.flops_per_token * self.window["tokens"] / elapsed / self.peak
                 logged["nonpad_fraction"] = self.window["tokens"] / max(self.window["padded"], 1.0)
+                logged["peak_rss_gb"] = peak_rss_gb()
+                if source_metrics is not None:
+                    extra = source_metrics()
+                    logged.update(extra)
+                    if "sample_seconds" in extra:
+                        logged["train_tokens_per_sec"] = self.window["tokens"] / max(
+                            elapsed - extra["sample_seconds"], 1e-9)
+            if "reward_sq" in logged:  # a (sum, count) pair gives means; the std comes from E[r^2] - E[r]^2
+                logged["reward_std"] = max(logged.pop("reward_sq") - logged["reward"] ** 2, 0.0) ** 0.5
             self._reset_window()
         if self.eval_due(step):
             logged = {**(logged or {}), **evaluate()}
@@ -163,5 +186,6 @@ class Session:
                                     self.run.exp.data.max_len)
         if jax.process_index() == 0:
             files.write_json(os.path.join(workdir, DONE_FILE),
-                             {"step": self.t.total_steps, "objective": self.run.objective.name, "data": stats})
+                             {"step": self.t.total_steps, "objective": self.run.objective.name, "data": stats,
+                              "peak_rss_gb": peak_rss_gb()})
         return self.run.model, state.params

@@ -1,0 +1,15 @@
+"""On-policy RL on the one training loop: rewards -> advantages -> a clipped policy-gradient loss.
+
+Public API (arrays are padded `[B, T]` with a float mask; groups are contiguous rows):
+    advantages(rewards, group_size, estimator)          grpo | rloo | reinforce
+    kl_penalized_rewards(rewards, sample_lp, ref_lp, mask, beta)
+    policy_loss(logprobs, mask, advantages, ...)       -> (loss, aux)
+    token_logprobs(logits, tokens, temperature)          per-token log pi, aligned with tokens
+"""
+
+from glore_jax.rl.advantages import ESTIMATORS, advantages, kl_penalized_rewards
+from glore_jax.rl.losses import (AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS, policy_loss, policy_loss_terms,
+                                 token_entropy, token_logprobs)
+
+__all__ = ["AGGREGATIONS", "ESTIMATORS", "KL_ESTIMATORS", "RATIO_LEVELS", "advantages", "kl_penalized_rewards",
+           "policy_loss", "policy_loss_terms", "token_entropy", "token_logprobs"]

@@ -1,0 +1,53 @@
+"""The `rl.*` knobs of an experiment config, typed; what each means and its default.
+
+`train.batch_size` counts sequences, so each step samples
+`batch_size / group_size` prompts, `group_size` completions each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ml_collections import ConfigDict
+
+from glore_jax.errors import ConfigError
+from glore_jax.rl.advantages import ESTIMATORS
+from glore_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS
+
+REWARDS = ("exact", "exact+format")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLConfig:
+    group_size: int = 8             # G completions per prompt
+    estimator: str = "grpo"         # grpo | rloo | reinforce (advantages)
+    beta: float = 0.04              # KL-to-reference weight in the loss; 0 = no reference model
+    kl: str = "k3"                  # k1 | k3
+    clip_eps: float = 0.2
+    aggregation: str = "sequence_mean"   # sequence_mean (GRPO) | token_mean (DAPO) | constant (Dr. GRPO)
+    ratio_level: str = "token"      # token | sequence
+    mu: int = 1                     # optimisation steps per batch of rollouts
+    temperature: float = 1.0        # sampling temperature (log-probs use the same scaled logits)
+    max_new_tokens: int = 128
+    max_prompt_len: int = 128
+    reward: str = "exact"           # exact: 1 if the final answer is right; exact+format: + 0.1 for a `#### N` line
+
+    def check(self, batch_size: int) -> None:
+        for value, valid, name in ((self.estimator, ESTIMATORS, "estimator"), (self.kl, KL_ESTIMATORS, "kl"),
+                                   (self.aggregation, AGGREGATIONS, "aggregation"),
+                                   (self.ratio_level, RATIO_LEVELS, "ratio_level"), (self.reward, REWARDS, "reward")):
+            if value not in valid:
+                raise ConfigError(f"rl.{name} {value!r} unknown; valid: {list(valid)}")
+        if self.group_size < 1 or batch_size % self.group_size:
+            raise ConfigError(f"train.batch_size {batch_size} must be a multiple of rl.group_size {self.group_size}")
+        if self.estimator != "reinforce" and self.group_size < 2:
+            raise ConfigError(f"rl.estimator {self.estimator!r} needs rl.group_size >= 2")
+        for name in ("mu", "max_new_tokens", "max_prompt_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        if self.beta < 0 or not 0 < self.clip_eps < 1 or self.temperature <= 0:
+            raise ConfigError("rl.beta must be >= 0, rl.clip_eps in (0, 1) and rl.temperature > 0")
+
+
+def rl_knobs() -> ConfigDict:
+    return ConfigDict(dataclasses.asdict(RLConfig()))
