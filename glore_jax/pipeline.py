@@ -120,7 +120,8 @@ def table_markdown(config) -> str:
         writes = ", ".join(w if w.endswith(".jsonl") else f"{w} (model)" for w in s.writes)
         lines.append(f"| {s.name} | {reads} | {writes} | {s.does} |")
     lines.append("")
-    lines.append(", ".join(f"`{k}` is `{v}`" for k, v in aliases.items()) + " (the policy after Expert Iteration).")
+    what = "the policy after Expert Iteration" + (" and GRPO" if aliases.get("policy_final") == "rl" else "")
+    lines.append(", ".join(f"`{k}` is `{v}`" for k, v in aliases.items()) + f" ({what}).")
     return "\n".join(lines)
 
 

@@ -96,3 +96,50 @@ def test_grpo_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tmp
 def _metrics_or_empty(workdir):
     path = pathlib.Path(workdir) / "metrics.jsonl"
     return path.read_text().splitlines() if path.exists() else []
+
+
+def test_rollouts_batch_layout_reuse_and_state(warm_policy):
+    """One batch of rollouts: groups contiguous, loss on completion tokens only, reused mu times, and a
+    restored source serves the pending batch, then draws what the original would."""
+    import types
+
+    from glore_jax.models import checkpoints as model_checkpoints
+    from glore_jax.rl.config import RLConfig
+    from glore_jax.rl.rollouts import Rollouts
+    from glore_jax.tokenizer import Tokenizer
+    from glore_jax.training.config import experiment
+
+    tok_path, policy = warm_policy
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model, params = model_checkpoints.load_model(os.path.join(policy, "model"), mesh)
+    exp = experiment(onpolicy.config("/tmp/unused", tok_path, policy, 4))
+    tok = Tokenizer.load(tok_path)
+    run = types.SimpleNamespace(exp=exp, model=model, mesh=mesh, tokenizer=tok)
+    cfg = RLConfig(group_size=4, mu=2, max_new_tokens=40, max_prompt_len=64)
+    records = list(generate_split(onpolicy.TASK, "train"))
+    src = Rollouts(run, cfg, records, seed=3)
+    rng = jax.random.key(7)
+    first = jax.device_get(src.next(params, 0, rng))
+    state = src.state()
+    assert "pending" in state and state["served"] == 1
+    second = jax.device_get(src.next(params, 1, jax.random.key(8)))  # reused: same rollouts, whatever the rng
+    for k in first:
+        np.testing.assert_array_equal(first[k], second[k])
+    b = 16
+    assert first["tokens"].shape == (b, 64 + 40) and first["old_logprobs"].shape == (b, 64 + 40)
+    adv = first["advantages"].reshape(4, 4)
+    np.testing.assert_allclose(adv.sum(axis=1), 0.0, atol=1e-4)        # grpo: centred within each group
+    for row in range(b):
+        n = int(first["segment_ids"][row].sum())
+        prompt_len = n - int(first["loss_mask"][row].sum())
+        assert first["loss_mask"][row, :prompt_len].sum() == 0 and first["loss_mask"][row, prompt_len:n].all()
+        assert first["tokens"][row, prompt_len - 1] == tok.control_id("[SOL]")   # loss starts after the prompt
+        assert (first["old_logprobs"][row, prompt_len:n] < 0).all()
+    restored = Rollouts(run, cfg, records, seed=3)
+    restored.restore(json.loads(json.dumps(state)))   # through JSON, as a checkpoint stores it
+    again = jax.device_get(restored.next(params, 1, jax.random.key(8)))
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k])
+    third, third_again = (jax.device_get(s.next(params, 2, jax.random.key(9))) for s in (src, restored))
+    np.testing.assert_array_equal(third["tokens"], third_again["tokens"])
+    assert src.state()["position"] == 8   # two draws of 4 questions

@@ -26,6 +26,7 @@ TRAINED_STAGES = {
     "sorm": ("sorm", ""),
     "global_refiner": ("sft", "global_refiner"),
     "local_refiner": ("sft", "local_refiner"),
+    "rl": ("grpo", ""),               # optional (glore.rl_stage): GRPO on the final policy
 }
 
 
@@ -54,6 +55,7 @@ def glore_knobs() -> ConfigDict:
     g.max_prompt_len = 256          # refiner prompts hold question + draft; see data.max_len
     g.sample_rows = 64              # sequences per compiled sampler call
     g.shard_size = 128              # questions per resumable output shard of a sampling stage
+    g.rl_stage = False              # GRPO (rl.* knobs, stages.rl) on the EI policy; its result is the policy refined
     return g
 
 
@@ -84,6 +86,7 @@ class GloreConfig:
     max_prompt_len: int
     sample_rows: int
     shard_size: int
+    rl_stage: bool
 
     @classmethod
     def from_config(cls, glore: ConfigDict) -> "GloreConfig":
@@ -95,10 +98,11 @@ def add_pipeline(config: ConfigDict, steps: dict[str, tuple], **knobs) -> Config
 
     steps: stage -> (total_steps, learning_rate[, max_len]); max_len defaults
     to data.max_len (refiner inputs hold a draft too, so they need more).
+    "rl" is optional (100 steps at 1e-4 when absent); it runs only with glore.rl_stage.
     """
     config.stages = ConfigDict()
     for name, (objective, prompt_format) in TRAINED_STAGES.items():
-        total_steps, lr, *rest = steps[name]
+        total_steps, lr, *rest = steps[name] if name in steps or name != "rl" else (100, 1e-4)
         config.stages[name] = ConfigDict({"objective": objective, "prompt_format": prompt_format,
                                           "total_steps": total_steps, "learning_rate": lr,
                                           "max_len": rest[0] if rest else config.data.max_len})

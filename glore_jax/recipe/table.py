@@ -166,7 +166,8 @@ def _ei_effect(summary: dict, rounds: int) -> dict:
 
 
 def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
-    """The recipe, in order, and the aliases it reads through: `policy_final` is the last EI round's policy."""
+    """The recipe, in order, and the aliases it reads through: `policy_final` is the last EI round's policy
+    (or, with `glore.rl_stage`, that policy after GRPO)."""
     table = [_train("policy", "policy", "SFT on the train split, less the validation questions", None, None)]
     for r in range(1, g.ei_rounds + 1):
         previous = "policy" if r == 1 else f"ei_{r - 1}"
@@ -175,6 +176,9 @@ def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
                   _train(f"ei_{r}", "ei", "SFT on the SFT set plus the round's distinct correct samples",
                          f"ei_{r}_records.jsonl", None if g.ei_from_base else previous)]
     final = f"ei_{g.ei_rounds}" if g.ei_rounds else "policy"
+    if g.rl_stage:
+        table.append(_train("rl", "rl", "GRPO (rl.*) from the EI policy on the train questions", None, final))
+        final = "rl"
     aliases = {"policy_final": final}
     table += [
         Stage(name="orm_samples", does="the final policy's samples, labelled by final answer", run=_orm_samples,

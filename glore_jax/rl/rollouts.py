@@ -77,6 +77,9 @@ class Rollouts:
 
     def _sample(self, params, rng: jax.Array) -> dict[str, np.ndarray]:
         run, cfg, tok = self.run, self.cfg, self.run.tokenizer
+        # The loop dispatches the train step asynchronously; wait for it here so that sampling time
+        # does not include the step that produced these params.
+        jax.block_until_ready(params)
         t0 = time.perf_counter()
         chosen = self._chosen()
         fitted = [fit_prompt(prompts.get("policy").prompt(tok, r), cfg.max_prompt_len) for r in chosen]
