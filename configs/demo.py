@@ -44,8 +44,10 @@ def get_config(stage: str | None = None):
     c.train.checkpoint_every = 100
     # Refiners: 256 train questions gave 166 global pairs, which 100 steps at 1e-3 memorised (the
     # refiner answered other questions); 2048 questions and a lower rate give ~2 epochs of real pairs.
+    # GRPO (configs/rl_demo.py, or glore.rl_stage=true): see that file for why temperature 0.7.
+    c.rl.group_size, c.rl.temperature, c.rl.max_new_tokens, c.rl.max_prompt_len = 8, 0.7, 96, 80
     add_pipeline(c, {"policy": (450, 3e-3), "ei": (100, 1e-3), "orm": (100, 1e-3), "sorm": (100, 1e-3),
-                     "global_refiner": (100, 5e-4, 256), "local_refiner": (100, 5e-4, 256)},
+                     "global_refiner": (100, 5e-4, 256), "local_refiner": (100, 5e-4, 256), "rl": (200, 1e-4)},
                  ei_rounds=1, ei_k=4, ei_from_base=False, orm_k=4, train_questions=2048, sorm_solutions=768,
                  sorm_k=8, val_questions=200, value_eval_k=2, max_new_tokens=96, max_prompt_len=224,
                  sample_rows=64, shard_size=128)

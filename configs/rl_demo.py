@@ -19,28 +19,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
 
 
-def get_config():
-    c = demo.get_config("policy")
+def get_config(stage: str | None = None):
+    """The GRPO job (stage "rl" of the demo config, run on its own); other stages are the demo's."""
+    if stage not in (None, "rl"):
+        return demo.get_config(stage)
+    c = demo.get_config("rl")
     c.unlock()
-    c.objective = "grpo"
     c.workdir = "workdir/rl_demo"
     c.init_from = "workdir/demo/stages/ei_1"   # the demo's policy after SFT and Expert Iteration
     c.data.data_dir = "workdir/demo/data"
-    c.data.prompt_format = ""
     c.data.eval_split = "test"
-    c.train.total_steps = 200
     c.train.batch_size = 128              # sequences: 16 questions x rl.group_size completions
-    c.train.learning_rate = 1e-4
     c.train.warmup_steps = 10
     c.train.weight_decay = 0.0
     c.train.log_every = 5
     c.train.eval_every = 100
     c.train.eval_batches = 1              # 128 test questions for the periodic greedy check
     c.train.checkpoint_every = 25
-    c.rl.group_size = 8
-    c.rl.beta = 0.04
-    c.rl.temperature = 0.7
-    c.rl.max_new_tokens = 96
-    c.rl.max_prompt_len = 80
     c.lock()
     return c

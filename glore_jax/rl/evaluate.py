@@ -33,21 +33,31 @@ def greedy_correct(model, tokenizer, records, mesh, max_new: int, max_prompt_len
     return [is_correct(t[0], r["gold"]) for t, r in zip(texts, records)]
 
 
-def curve(workdir: str) -> str:
+def curve(workdir: str, temperature: float, steps: int, before: float, after: float, num_test: int) -> str:
+    """Training reward (each logged step, and a running mean), periodic greedy accuracy, and greedy
+    accuracy on the whole test split before and after, against step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     rows, _ = files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("reward", "train reward (sampled, T=1)"), ("accuracy", "train accuracy (sampled)"),
-                       ("eval_accuracy", "greedy accuracy, held-out")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), marker="o" if key == "eval_accuracy" else None, label=label)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    points = [(r["step"], r["reward"]) for r in rows if "reward" in r]
+    if points:
+        x, y = map(np.asarray, zip(*points))
+        ax.plot(x, y, color="tab:blue", alpha=0.3, label=f"reward of the step's samples (T={temperature:g})")
+        window = min(8, len(y))
+        ax.plot(x[window - 1:], np.convolve(y, np.ones(window) / window, mode="valid"), color="tab:blue",
+                label=f"reward, running mean of {window} logged steps")
+    evals = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    if evals:
+        ax.plot(*zip(*evals), marker="o", color="tab:green", label="greedy accuracy, first test questions")
+    ax.plot([0, steps], [before, after], marker="s", linestyle="--", color="tab:red",
+            label=f"greedy accuracy, all {num_test} test questions")
     ax.set_xlabel("step")
     ax.set_ylabel("fraction")
     ax.set_title("GRPO from the demo policy")
-    ax.legend()
+    ax.legend(fontsize=8)
     path = os.path.join(workdir, "rl_curve.png")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -77,9 +87,10 @@ def evaluate(config) -> dict:
               "fixed": sum(a and not b for a, b in zip(after, before)),
               "broken": sum(b and not a for a, b in zip(after, before)),
               "p_mcnemar": stats.mcnemar_exact(after, before), "peak_rss_gb": done.get("peak_rss_gb"),
-              "train_seconds": None, "rl": json.loads(config.rl.to_json()),
+              "train_wall_seconds": done.get("wall_seconds"), "rl": json.loads(config.rl.to_json()),
               "final_metrics": rows[-1] if rows else {}}
-    report["curve"] = curve(exp.workdir)
+    report["curve"] = curve(exp.workdir, exp.rl.temperature, report["steps"] or 0, report["greedy_before"],
+                            report["greedy_after"], len(test))
     files.write_json(os.path.join(exp.workdir, "rl_report.json"), report, indent=2)
     print(json.dumps({k: report[k] for k in ("num_test", "greedy_before", "greedy_after", "fixed", "broken",
                                              "p_mcnemar", "peak_rss_gb")}, indent=1))

@@ -94,6 +94,7 @@ class Session:
         self.flops_per_token = run.model.flops_per_token(run.exp.data.max_len)
         self.peak = metrics_lib.peak_tflops(self.t.peak_tflops) * 1e12 * run.mesh.size
         self.last_saved = start or None
+        self.started = time.perf_counter()  # this process's share of the job (a resumed run counts from here)
         self.stopping = False
         self._reset_window()
 
@@ -187,5 +188,5 @@ class Session:
         if jax.process_index() == 0:
             files.write_json(os.path.join(workdir, DONE_FILE),
                              {"step": self.t.total_steps, "objective": self.run.objective.name, "data": stats,
-                              "peak_rss_gb": peak_rss_gb()})
+                              "peak_rss_gb": peak_rss_gb(), "wall_seconds": time.perf_counter() - self.started})
         return self.run.model, state.params
