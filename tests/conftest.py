@@ -22,3 +22,28 @@ def shared_dir() -> pathlib.Path:
     if not SHARED.is_dir():
         raise FileNotFoundError(f"Expected the shared data folder beside the project at {SHARED}")
     return SHARED
+
+
+# Shared by the training tests (test_train, test_reliability): a small synthetic task, a tokenizer
+# trained on it, and a 1-device mesh.
+TASK_TRAIN = dict(train_size=48, test_size=8, min_steps=1, max_steps=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def task_records():
+    from glore_jax.tasks import SyntheticConfig, generate_split
+    return list(generate_split(SyntheticConfig(**TASK_TRAIN), "train"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory, task_records):
+    from glore_jax.tokenizer import train_tokenizer
+    path = tmp_path_factory.mktemp("tok") / "synthetic.model"
+    train_tokenizer((t for r in task_records for t in (r["question"], r["answer"])), 320, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    from glore_jax.sharding import make_mesh
+    return make_mesh((1, 1, 1), devices=jax.devices()[:1])

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from glore_jax import convert
+from glore_jax import convert, errors
 from glore_jax import models as M
 from glore_jax import sharding as shd
 from glore_jax.models.checkpoints import load_model
@@ -95,7 +95,7 @@ def test_missing_tensor_is_named(tmp_path, hf_dir):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
-    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(errors.DataError, match="model.layers.1.mlp.up_proj.weight"):
         convert.from_hf(str(tmp_path))
 
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from glore_jax import models, objectives, prompts
+from glore_jax import errors, models, objectives, prompts
 from glore_jax.data.labelled import SyntheticLabelled
 from glore_jax.data.store import RecordsFile, write_records
 from glore_jax.tasks import SyntheticConfig, first_wrong_step, generate_split, split_steps
@@ -62,7 +62,7 @@ def test_value_loss_and_accuracies_read_only_labelled_step_ends():
 
 
 def test_registry_names_valid_choices():
-    with pytest.raises(ValueError, match=r"'ppo'.*\['orm', 'sft', 'sorm'\]"):
+    with pytest.raises(ValueError, match=r"'ppo'.*\['grpo', 'orm', 'sft', 'sorm'\]"):
         objectives.get("ppo")
     with pytest.raises(ValueError, match="valid formats"):
         objectives.get("orm").check_format("policy")
@@ -99,7 +99,7 @@ def test_synthetic_labelled_records_are_exact_and_format_everywhere(tmp_path):
     assert list(sorm.step_labels[sorm.step_end_mask > 0]) == stored[0]["step_labels"]
     with pytest.raises(ValueError, match=r"lack fields \['step_labels'\]"):
         prompts.get("sorm").check([{"question": "q", "solution": "s"}])
-    with pytest.raises(KeyError, match=r"needs fields \['draft'\]"):
+    with pytest.raises(errors.DataError, match=r"needs fields \[.draft.\]"):
         prompts.Renderer("global_refiner", tok)({"question": "q", "target": "t"})
     with pytest.raises(ValueError, match="valid formats"):
         prompts.Renderer("no_such_format", tok)

@@ -18,8 +18,7 @@ from glore_jax.recipe.workspace import truncation_warnings
 from glore_jax.sampling import Generator
 from glore_jax.tasks import is_correct
 from glore_jax.training.checkpoints import CORRUPT_DIR, Checkpoints
-from tests.test_train import (_cli, _config, _Crash, _crash_at, _max_diff, _metrics,  # noqa: F401  (fixtures too)
-                              one_device, task_records, tokenizer_path)
+from tests.test_train import _cli, _config, _Crash, _crash_at, _max_diff, _metrics
 
 
 def _largest_file(step_dir: pathlib.Path) -> pathlib.Path:

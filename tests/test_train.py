@@ -19,13 +19,10 @@ from glore_jax.data.labelled import SyntheticLabelled
 from glore_jax.data.store import RecordsFile, write_records
 from glore_jax.models import checkpoints as model_checkpoints, init_params, preset
 from glore_jax.sharding import make_mesh
-from glore_jax.tasks import SyntheticConfig, generate_split
-from glore_jax.tokenizer import train_tokenizer
 from glore_jax.training.checkpoints import Checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.py"
-TASK = SyntheticConfig(train_size=48, test_size=8, min_steps=1, max_steps=2, seed=3)
 
 
 def _smoke():
@@ -35,23 +32,6 @@ def _smoke():
     finally:
         sys.path.pop(0)
     return smoke.get_config()
-
-
-@pytest.fixture(scope="module")
-def task_records():
-    return list(generate_split(TASK, "train"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory, task_records):
-    path = tmp_path_factory.mktemp("tok") / "synthetic.model"
-    train_tokenizer((t for r in task_records for t in (r["question"], r["answer"])), 320, path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def one_device():
-    return make_mesh((1, 1, 1), devices=jax.devices()[:1])
 
 
 def _config(tokenizer_path, workdir, **train):

@@ -28,7 +28,7 @@ def get(name: str, exp=None) -> Objective | None:
         return OBJECTIVES[name]
     if name in BUILDERS:
         return BUILDERS[name](exp) if exp is not None else None
-    raise ConfigError(f"unknown objective {name!r}; valid objectives: {sorted(OBJECTIVES) + sorted(BUILDERS)}")
+    raise ConfigError(f"unknown objective {name!r}; valid objectives: {sorted({*OBJECTIVES, *BUILDERS})}")
 
 
 __all__ = ["BUILDERS", "OBJECTIVES", "Batch", "FrozenSpec", "Metrics", "Objective", "finalize", "get", "pair"]
