@@ -161,7 +161,8 @@ def pipeline_part(tmp: pathlib.Path, rng: random.Random, points: int) -> dict:
         time.sleep(rng.uniform(0.5, 4.0))  # somewhere inside the stage (or just after it, for a quick one)
         if proc.poll() is not None:
             raise RuntimeError(f"the pipeline exited before stage {stage.name}: {proc.communicate()[0][-3000:]}")
-        corruptions += _kill(proc, rng, faulty, 0.5, log, {"in_stage": stage.name})
+        # Damage only the stage that was running: a finished stage's checkpoints are never read again.
+        corruptions += _kill(proc, rng, stage, 0.5, log, {"in_stage": stage.name})
     _finish(_pipeline_cmd(faulty))
     a, b = (json.loads((d / "report.json").read_text())["results"] for d in (ref, faulty))
     differ = sorted(k for k in set(a) | set(b)
