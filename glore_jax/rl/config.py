@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from ml_collections import ConfigDict
-
 from glore_jax.errors import ConfigError
 from glore_jax.rl.advantages import ESTIMATORS
 from glore_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS
@@ -47,7 +45,3 @@ class RLConfig:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
         if self.beta < 0 or not 0 < self.clip_eps < 1 or self.temperature <= 0:
             raise ConfigError("rl.beta must be >= 0, rl.clip_eps in (0, 1) and rl.temperature > 0")
-
-
-def rl_knobs() -> ConfigDict:
-    return ConfigDict(dataclasses.asdict(RLConfig()))

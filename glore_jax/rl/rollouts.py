@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from glore_jax import data, models, prompts, sharding as shd
+from glore_jax.errors import ConfigError
 from glore_jax.prompts import fit_prompt
 from glore_jax.rl.advantages import advantages
 from glore_jax.rl.config import RLConfig
@@ -53,6 +54,8 @@ class Rollouts:
     def __init__(self, run, cfg: RLConfig, records: Sequence[dict], *, reward_fn: RewardFn | None = None,
                  seed: int = 0):
         self.run, self.cfg = run, cfg
+        if jax.process_count() > 1:  # every process would sample the same prompts: not yet sharded per host
+            raise ConfigError("the rl rollout source runs in one process for now; multi-host RL is not supported yet")
         if run.exp.train.batch_size % cfg.group_size:
             raise ValueError(f"train.batch_size {run.exp.train.batch_size} is not a multiple of rl.group_size")
         self.records = list(records)

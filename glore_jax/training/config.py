@@ -22,7 +22,7 @@ from ml_collections import ConfigDict, config_dict
 
 from glore_jax.errors import ConfigError
 from glore_jax.models import PRESETS, ModelConfig, preset
-from glore_jax.rl.config import RLConfig, rl_knobs
+from glore_jax.rl.config import RLConfig
 from glore_jax.sharding import MeshConfig
 from glore_jax.tasks import TASKS, SyntheticConfig
 
@@ -88,7 +88,7 @@ def base_config() -> ConfigDict:
     c.train.max_to_keep = 2
     c.train.peak_tflops = 0.0           # per device, for MFU; 0 = guess from the device kind
 
-    c.rl = rl_knobs()                   # on-policy RL objectives (`grpo`); see glore_jax.rl.config
+    c.rl = ConfigDict(dataclasses.asdict(RLConfig()))  # on-policy RL (`grpo`); see glore_jax.rl.config
     return c
 
 
