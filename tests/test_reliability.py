@@ -1,9 +1,11 @@
 """Faults a long job meets: corrupt checkpoints, a second writer, torn files, overrides that cannot apply,
 truncation, and a grader fed anything."""
 
+import copy
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,49 +40,57 @@ def _truncate(path: pathlib.Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(task_records, tokenizer_path, one_device, tmp_path_factory):
-    c = _config(tokenizer_path, tmp_path_factory.mktemp("a"), total_steps=6, checkpoint_every=2, log_every=1,
-                max_to_keep=3)
-    return trainer.train(c, records=task_records[:24], mesh=one_device)[1]
+def runs(task_records, tokenizer_path, one_device, tmp_path_factory):
+    """A clean 6-step run, and the same run crashed at step 5 (checkpoints at 2 and 4); tests damage copies."""
+    root = tmp_path_factory.mktemp("runs")
+    c = _config(tokenizer_path, root / "clean", total_steps=6, checkpoint_every=2, log_every=1, max_to_keep=3)
+    _, params = trainer.train(c, records=task_records[:24], mesh=one_device)
+    c.workdir = str(root / "crashed")
+    with pytest.raises(_Crash):
+        trainer.train(c, source=_crash_at(5), records=task_records[:24], mesh=one_device)
+    return {"params": params, "clean": root / "clean", "crashed": root / "crashed", "config": c}
+
+
+def _copy(src: pathlib.Path, dst: pathlib.Path, config):
+    shutil.copytree(src, dst)
+    c = copy.deepcopy(config)
+    c.workdir = str(dst)
+    return c
 
 
 @pytest.mark.parametrize("damage", [_zero, _truncate])
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_step(damage, uninterrupted, task_records,
-                                                                    tokenizer_path, one_device, tmp_path, caplog):
-    c = _config(tokenizer_path, tmp_path, total_steps=6, checkpoint_every=2, log_every=1, max_to_keep=3)
-    with pytest.raises(_Crash):
-        trainer.train(c, source=_crash_at(5), records=task_records[:24], mesh=one_device)
-    damage(_largest_file(tmp_path / "checkpoints" / "4"))
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_step(damage, runs, task_records, one_device,
+                                                                    tmp_path, caplog):
+    c = _copy(runs["crashed"], tmp_path / "run", runs["config"])
+    damage(_largest_file(tmp_path / "run" / "checkpoints" / "4"))
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.12')  # and the torn line a kill during an append leaves
     _, params = trainer.train(c, records=task_records[:24], mesh=one_device)
     assert "checkpoint step 4" in caplog.text and "corrupt" in caplog.text and "trying the next older" in caplog.text
-    assert [p.name.split("-")[0] for p in (tmp_path / CORRUPT_DIR).iterdir()] == ["4"]  # kept aside, by name
-    assert _max_diff(uninterrupted, params) < 1e-5  # the older step resumes exactly
-    assert [r["step"] for r in _metrics(tmp_path)] == list(range(1, 7))
+    assert [p.name.split("-")[0] for p in (tmp_path / "run" / CORRUPT_DIR).iterdir()] == ["4"]  # kept aside
+    assert _max_diff(runs["params"], params) < 1e-5  # the older step resumes exactly
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == list(range(1, 7))
 
 
-def test_no_intact_checkpoint_says_what_to_do(task_records, tokenizer_path, one_device, tmp_path):
-    c = _config(tokenizer_path, tmp_path, total_steps=6, checkpoint_every=2, max_to_keep=3)
-    with pytest.raises(_Crash):
-        trainer.train(c, source=_crash_at(5), records=task_records[:24], mesh=one_device)
+def test_no_intact_checkpoint_says_what_to_do(runs, task_records, one_device, tmp_path):
+    c = _copy(runs["crashed"], tmp_path / "run", runs["config"])
     for step in ("2", "4"):
-        _zero(_largest_file(tmp_path / "checkpoints" / step))
+        _zero(_largest_file(tmp_path / "run" / "checkpoints" / step))
     with pytest.raises(errors.CheckpointError, match=r"no intact checkpoint.*step 4.*step 2.*start this job over"):
         trainer.train(c, records=task_records[:24], mesh=one_device)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
 
 
-def test_every_saved_step_has_a_verified_manifest(task_records, tokenizer_path, one_device, tmp_path):
-    c = _config(tokenizer_path, tmp_path, total_steps=4, checkpoint_every=2, max_to_keep=3)
-    trainer.train(c, records=task_records[:24], mesh=one_device)
+def test_every_saved_step_and_the_model_have_a_verified_manifest(runs, task_records, one_device, tmp_path):
     from glore_jax import checksums
-    steps = Checkpoints(str(tmp_path), max_to_keep=3).all_steps()
-    assert steps == [2, 4]
-    for step in steps:
-        assert checksums.verify(str(tmp_path / "checkpoints" / str(step))) is None
-    assert checksums.verify(str(tmp_path / "model" / "params")) is None
-    _zero(_largest_file(tmp_path / "model" / "params"))
+    assert Checkpoints(str(runs["clean"]), max_to_keep=3).all_steps() == [2, 4, 6]
+    for step in (2, 4, 6):
+        assert checksums.verify(str(runs["clean"] / "checkpoints" / str(step))) is None
+    assert checksums.verify(str(runs["clean"] / "model" / "params")) is None
+    c = _copy(runs["clean"], tmp_path / "run", runs["config"])
+    _zero(_largest_file(tmp_path / "run" / "model" / "params"))
     with pytest.raises(errors.CheckpointError, match="saved model .* is corrupt"):
-        trainer.train(c, records=task_records[:24], mesh=one_device)
+        trainer.train(c, records=task_records[:24], mesh=one_device)  # a finished workdir loads its model
 
 
 def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, caplog):
@@ -114,16 +124,10 @@ def test_a_concurrent_second_trainer_is_refused(task_records, tokenizer_path, tm
     assert torn == 0 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
 
 
-def test_a_torn_metrics_line_is_tolerated(task_records, tokenizer_path, one_device, tmp_path):
-    c = _config(tokenizer_path, tmp_path, total_steps=6, checkpoint_every=2, log_every=1)
-    with pytest.raises(_Crash):
-        trainer.train(c, source=_crash_at(5), records=task_records[:24], mesh=one_device)
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"step": 5, "loss": 0.12')  # what a kill during an append leaves
-    rows, torn = files.read_jsonl(tmp_path / "metrics.jsonl")
-    assert torn == 1 and [r["step"] for r in rows] == [1, 2, 3, 4]
-    trainer.train(c, records=task_records[:24], mesh=one_device)
-    assert [r["step"] for r in _metrics(tmp_path)] == list(range(1, 7))
+def test_a_torn_last_line_is_skipped_and_counted_but_earlier_damage_is_an_error(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    rows, torn = files.read_jsonl(tmp_path / "m.jsonl")
+    assert torn == 1 and [r["step"] for r in rows] == [1, 2]
     (tmp_path / "bad.jsonl").write_text('{"step": 1}\n{torn\n{"step": 3}\n')
     with pytest.raises(errors.DataError, match="bad.jsonl:2"):  # damage before the last line is not a torn append
         files.read_jsonl(tmp_path / "bad.jsonl")
@@ -143,23 +147,19 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["train_done.json"]  # no temp file left behind
 
 
-def test_shape_overrides_that_cannot_apply_are_errors(task_records, tokenizer_path, one_device, tmp_path):
-    c = _config(tokenizer_path, tmp_path / "base", total_steps=2, checkpoint_every=2)
-    trainer.train(c, records=task_records[:24], mesh=one_device)
+def test_shape_overrides_that_cannot_apply_are_errors(runs, task_records, tokenizer_path, one_device, tmp_path):
     # Under init_from the checkpoint decides the shapes.
     d = _config(tokenizer_path, tmp_path / "child", total_steps=2)
-    d.init_from = str(tmp_path / "base")
+    d.init_from = str(runs["clean"])
     d.model.num_layers = 7
     with pytest.raises(errors.ConfigError, match=r"model.num_layers=7 cannot apply.*init_from"):
         trainer.train(d, records=task_records[:24], mesh=one_device)
     assert not (tmp_path / "child" / "config.json").exists()  # never recorded as applied
     # On resume the checkpoint decides them too.
-    e = _config(tokenizer_path, tmp_path / "resumed", total_steps=4, checkpoint_every=2)
-    with pytest.raises(_Crash):
-        trainer.train(e, source=_crash_at(3), records=task_records[:24], mesh=one_device)
+    e = _copy(runs["crashed"], tmp_path / "resumed", runs["config"])
     before = (tmp_path / "resumed" / "config.json").read_text()
     e.model.embed_dim = 48
-    with pytest.raises(errors.ConfigError, match=r"model.embed_dim=48 cannot apply.*checkpoint at step 2"):
+    with pytest.raises(errors.ConfigError, match=r"model.embed_dim=48 cannot apply.*checkpoint at step 4"):
         trainer.train(e, records=task_records[:24], mesh=one_device)
     assert (tmp_path / "resumed" / "config.json").read_text() == before
 
