@@ -101,7 +101,12 @@ def test_gsm8k_pipeline_uses_rollout_labels_as_step_truth(tmp_path, shared_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "glore_jax.pipeline", "--config=configs/smoke.py", f"--config.workdir={wd}",
          "--config.data.task=gsm8k", f"--config.data.manual_dir={shared_dir / 'data' / 'gsm8k'}",
-         f"--config.data.tokenizer={shared_dir / 'tokenizers' / 'mistral-7b-v0.1' / 'tokenizer.model'}"],
+         f"--config.data.tokenizer={shared_dir / 'tokenizers' / 'mistral-7b-v0.1' / 'tokenizer.model'}",
+         # What is tested here is where the step truth comes from, not learning: the fewest steps and
+         # tokens that run every stage (a 32k vocab makes each step and each sampled token costly).
+         *[f"--config.stages.{s}.total_steps=4" for s in ("policy", "ei", "orm", "sorm", "global_refiner",
+                                                           "local_refiner")],
+         "--config.glore.max_new_tokens=24"],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     report = json.loads((wd / "report.json").read_text())
