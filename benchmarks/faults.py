@@ -142,6 +142,10 @@ def train_part(tmp: pathlib.Path, rng: random.Random, points: int, steps: int) -
             "steps_moved_aside": len(list(aside.iterdir())) if aside.exists() else 0, "events": log}
 
 
+def _is_training(reference_stage: pathlib.Path) -> bool:
+    return (reference_stage / "model").exists()
+
+
 def pipeline_part(tmp: pathlib.Path, rng: random.Random, points: int) -> dict:
     """Kills once inside each of `points` random stages (in the clean run's order), then finishes."""
     ref, faulty = tmp / "pipe_ref", tmp / "pipe_faulty"
@@ -158,7 +162,13 @@ def pipeline_part(tmp: pathlib.Path, rng: random.Random, points: int) -> dict:
         proc = _popen(_pipeline_cmd(faulty))
         while not stage.exists() and proc.poll() is None:
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.5, 4.0))  # somewhere inside the stage (or just after it, for a quick one)
+        # A training stage is killed once it has saved a checkpoint (so there is one to damage and fall
+        # back from); a sampling stage somewhere in its first seconds.
+        deadline = time.time() + 60
+        while (not list(stage.glob("checkpoints/[0-9]*")) and not (stage / "done.json").exists()
+               and proc.poll() is None and time.time() < deadline and _is_training(order[index])):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 1.0) if _is_training(order[index]) else rng.uniform(0.5, 4.0))
         if proc.poll() is not None:
             raise RuntimeError(f"the pipeline exited before stage {stage.name}: {proc.communicate()[0][-3000:]}")
         # Damage only the stage that was running: a finished stage's checkpoints are never read again.
