@@ -67,6 +67,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_older_step(damage, runs, 
         f.write('{"step": 5, "loss": 0.12')  # and the torn line a kill during an append leaves
     _, params = trainer.train(c, records=task_records[:24], mesh=one_device)
     assert "checkpoint step 4" in caplog.text and "corrupt" in caplog.text and "trying the next older" in caplog.text
+    # Found by the checksum manifest, before Orbax reads the bytes (whether Orbax notices depends on the file).
+    assert ("fails its sha256 check" if damage is _zero else "truncated or overwritten") in caplog.text
     assert [p.name.split("-")[0] for p in (tmp_path / "run" / CORRUPT_DIR).iterdir()] == ["4"]  # kept aside
     assert _max_diff(runs["params"], params) < 1e-5  # the older step resumes exactly
     assert [r["step"] for r in _metrics(tmp_path / "run")] == list(range(1, 7))
