@@ -1,11 +1,11 @@
 """Training objectives, chosen by name. Adding one: a module defining an `Objective`, plus one line here.
 
-Objectives whose loss depends on config knobs (`grpo` reads `rl.*`) are
+Objectives whose loss depends on config knobs (`grpo` reads `rl.*`, `score` also `score.*`) are
 registered as builders `experiment -> Objective` and built by `get(name, exp)`.
 """
 
 from glore_jax.errors import ConfigError
-from glore_jax.objectives import grpo
+from glore_jax.objectives import grpo, score
 from glore_jax.objectives.base import Batch, FrozenSpec, Metrics, Objective, finalize, pair
 from glore_jax.objectives.sft import SFT
 from glore_jax.objectives.value import ORM, SORM
@@ -19,6 +19,7 @@ OBJECTIVES: dict[str, Objective] = {
 
 BUILDERS = {
     "grpo": lambda exp: grpo.build(exp.rl, exp.train.batch_size),   # rl.estimator: grpo | rloo | reinforce
+    "score": lambda exp: score.build(exp.rl, exp.score, exp.train.batch_size),   # score.stage: 1 | 2
 }
 
 

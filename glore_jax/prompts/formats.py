@@ -12,6 +12,7 @@ Layouts (`<x>` are control tokens, see `glore_jax.tokenizer`; left of `|` is
 the prompt, right the target):
 
     policy         <bos> question <SOL> | solution <eos>
+    self_correct   <bos> question <SOL> draft <eos> instruction <SOL> | solution <eos>   (SCoRe turn 2)
     orm, sorm      <bos> question <SOL> | solution <eos>      (value head read at step ends)
     global_refiner <bos> question <DRAFT> draft <FIX> | solution <eos>
     local_refiner  <bos> question <DRAFT> draft[:i] <BAD> draft[i:] <FIX> draft[:i] | continuation <eos>
@@ -240,3 +241,33 @@ register(PromptFormat(
     prompt=lambda tok, r: local_refiner_prompt(tok, r["question"], r["draft"], int(r["bad_step"])),
     example=lambda tok, r: local_refiner_example(tok, r["question"], r["draft"], int(r["bad_step"]),
                                                  local_continuation(r["target"], int(r["bad_step"])))))
+
+
+# ---- self-correction (SCoRe): the policy's own first attempt, then a second turn -----------------
+
+# SCoRe's second-turn instruction (Kumar et al. 2024, sec. 6: "There might be an error in the solution
+# above because of lack of understanding of the question. Please correct the error, if any, and
+# rewrite the solution."), shortened: on the demo's 1k-piece tokenizer the full sentence is 81 tokens,
+# which would push the second attempt past the positions the policy was trained on.
+SELF_CORRECT_INSTRUCTION = "There might be an error in the solution above. Please correct it, if any, and rewrite the solution."
+
+
+def self_correct_prompt(tok: Tokenizer, first_prompt: Sequence[int], first_attempt: Sequence[int]) -> list[int]:
+    """Turn 2's prompt from ids: turn 1's prompt, its attempt (without EOS), <eos>, the instruction, <SOL>.
+
+    From ids, not text, so a rollout's turn-2 prompt holds exactly the sampled turn-1 tokens and one
+    sequence carries both turns. The attempt's EOS ends turn 1 whether or not the sampler stopped.
+    """
+    attempt = list(first_attempt)
+    if attempt and attempt[-1] == tok.eos_id:
+        attempt = attempt[:-1]
+    return (list(first_prompt) + attempt + [tok.eos_id] + tok.encode(SELF_CORRECT_INSTRUCTION)
+            + [tok.control_id("[SOL]")])
+
+
+register(PromptFormat(
+    name="self_correct", fields=("question", "draft", "target"), head="lm", loss="the second attempt and EOS",
+    prompt=lambda tok, r: self_correct_prompt(tok, policy_prompt(tok, r["question"]), tok.encode(r["draft"])),
+    example=lambda tok, r: make_example(
+        self_correct_prompt(tok, policy_prompt(tok, r["question"]), tok.encode(r["draft"])),
+        tok.encode(r["target"]) + [tok.eos_id])))

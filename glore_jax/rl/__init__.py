@@ -5,11 +5,15 @@ Public API (arrays are padded `[B, T]` with a float mask; groups are contiguous 
     kl_penalized_rewards(rewards, sample_lp, ref_lp, mask, beta)
     policy_loss(logprobs, mask, advantages, ...)       -> (loss, aux)
     token_logprobs(logits, tokens, temperature)          per-token log pi, aligned with tokens
+    score_shaped_reward(r1, r2, alpha)                   SCoRe: r2 + alpha * (r2 - r1)
+    self_correction_metrics(correct_t1, correct_t2)      acc_t1, acc_t2, delta, delta_i2c, delta_c2i
 """
 
+from glore_jax.rl.score import score_shaped_reward, self_correction_metrics, turn_advantages
 from glore_jax.rl.advantages import ESTIMATORS, advantages, kl_penalized_rewards
 from glore_jax.rl.losses import (AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS, policy_loss, policy_loss_terms,
                                  token_entropy, token_logprobs)
 
 __all__ = ["AGGREGATIONS", "ESTIMATORS", "KL_ESTIMATORS", "RATIO_LEVELS", "advantages", "kl_penalized_rewards",
-           "policy_loss", "policy_loss_terms", "token_entropy", "token_logprobs"]
+           "policy_loss", "policy_loss_terms", "score_shaped_reward", "self_correction_metrics", "token_entropy",
+           "token_logprobs", "turn_advantages"]

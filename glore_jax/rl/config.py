@@ -45,3 +45,26 @@ class RLConfig:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
         if self.beta < 0 or not 0 < self.clip_eps < 1 or self.temperature <= 0:
             raise ConfigError("rl.beta must be >= 0, rl.clip_eps in (0, 1) and rl.temperature > 0")
+
+
+SCORE_STAGES = (1, 2)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    """The `score.*` knobs of the SCoRe objective (Kumar et al. 2024); see `glore_jax.rl.score`.
+
+    The KL weights replace `rl.beta` for this objective (it reads every other `rl.*` knob).
+    """
+
+    stage: int = 2              # 1: initialisation (turn-2 reward only, turn 1 held by beta2); 2: both turns
+    alpha: float = 10.0         # stage 2's bonus: r2 + alpha * (r2 - r1); 0 = plain two-turn RL (the ablation)
+    beta1: float = 0.01         # KL weight on turn 2 (both stages) and on turn 1 in stage 2
+    beta2: float = 0.25         # KL weight on turn 1 in stage 1 (the paper: 0.1 on MATH, 0.25 on MBPP)
+    reference: str = ""         # KL reference: a saved model or workdir ('' = the run's initial params)
+
+    def check(self) -> None:
+        if self.stage not in SCORE_STAGES:
+            raise ConfigError(f"score.stage must be 1 or 2, got {self.stage!r}")
+        if self.alpha < 0 or self.beta1 < 0 or self.beta2 < 0:
+            raise ConfigError("score.alpha, score.beta1 and score.beta2 must be >= 0")

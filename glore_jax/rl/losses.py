@@ -7,6 +7,7 @@ over the whole batch (`objectives.base`). Arrays are padded `[B, T]` with a
 float mask that is 1 on the completion tokens that carry loss.
 
 Per token, with A the sequence's advantage and r the importance ratio:
+(A and beta may also be given per token, `[B, T]`: multi-turn objectives weight each turn apart)
     -min(r * A, clip(r, 1 - eps, 1 + eps) * A) + beta * KL_t
 where r = exp(logprobs - old_logprobs) (old defaults to a stop-gradient of
 logprobs, so r = 1 and the gradient is REINFORCE's -A * grad log pi), or
@@ -70,7 +71,8 @@ def policy_loss_terms(logprobs, mask, advantages, *, old_logprobs=None, ref_logp
     """((loss_sum, weight), aux_sums): the loss is loss_sum / weight; aux values are (sum, count) pairs."""
     _check(kl, ratio_level, aggregation)
     mask = jnp.asarray(mask, jnp.float32)
-    adv = jnp.asarray(advantages, jnp.float32)[:, None]
+    adv = jnp.asarray(advantages, jnp.float32)
+    adv = adv[:, None] if adv.ndim == 1 else adv  # [B]: one per sequence; [B, T]: per token (multi-turn)
     old = jax.lax.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
     diff = (logprobs - old) * mask
     log_ratio = jnp.sum(diff, axis=1, keepdims=True) if ratio_level == "sequence" else diff
@@ -83,7 +85,7 @@ def policy_loss_terms(logprobs, mask, advantages, *, old_logprobs=None, ref_logp
     if ref_logprobs is not None:
         kl_t = kl_terms(logprobs, ref_logprobs, kl)
         aux["kl"] = (jnp.sum(kl_t * mask), n_tokens)
-        if beta:
+        if not isinstance(beta, (int, float)) or beta:  # an array: a KL weight per token (multi-turn)
             per_token = per_token + beta * kl_t
     if entropy is not None:
         aux["entropy"] = (jnp.sum(entropy * mask), n_tokens)

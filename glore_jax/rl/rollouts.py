@@ -140,7 +140,7 @@ class Rollouts:
         self.cut_prompts, self.at_limit = int(state.get("cut_prompts", 0)), int(state.get("at_limit", 0))
         pending = state.get("pending")
         self.pending = None if pending is None else {
-            k: np.asarray(v, np.int32 if k in ("tokens", "positions", "segment_ids") else np.float32)
+            k: np.asarray(v, np.int32 if k in ("tokens", "positions", "segment_ids", "turn_ids") else np.float32)
             for k, v in pending.items()}
 
     def metrics(self) -> dict[str, float]:

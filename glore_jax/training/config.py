@@ -22,7 +22,7 @@ from ml_collections import ConfigDict, config_dict
 
 from glore_jax.errors import ConfigError
 from glore_jax.models import PRESETS, ModelConfig, preset
-from glore_jax.rl.config import RLConfig
+from glore_jax.rl.config import RLConfig, ScoreConfig
 from glore_jax.sharding import MeshConfig
 from glore_jax.tasks import TASKS, SyntheticConfig
 
@@ -89,6 +89,7 @@ def base_config() -> ConfigDict:
     c.train.peak_tflops = 0.0           # per device, for MFU; 0 = guess from the device kind
 
     c.rl = ConfigDict(dataclasses.asdict(RLConfig()))  # on-policy RL (`grpo`); see glore_jax.rl.config
+    c.score = ConfigDict(dataclasses.asdict(ScoreConfig()))  # SCoRe's stage, bonus and KL weights (`score`)
     return c
 
 
@@ -209,6 +210,7 @@ class Experiment:
     mesh: MeshConfig
     train: TrainConfig
     rl: RLConfig = RLConfig()
+    score: ScoreConfig = ScoreConfig()
     source_json: str = "{}"                 # the ConfigDict as given, saved as the workdir's config.json
 
     def replace(self, **changes) -> "Experiment":
@@ -231,6 +233,7 @@ def experiment(config: ConfigDict) -> Experiment:
                       init_from=config.init_from, model=ModelSpec(preset=config.model.preset, overrides=overrides),
                       data=data, mesh=mesh_config(config), train=TrainConfig(**config.train.to_dict()),
                       rl=RLConfig(**config.rl.to_dict()) if "rl" in config else RLConfig(),
+                      score=ScoreConfig(**config.score.to_dict()) if "score" in config else ScoreConfig(),
                       source_json=config.to_json_best_effort(indent=2))
 
 

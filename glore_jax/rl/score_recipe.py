@@ -1,0 +1,152 @@
+"""SCoRe end to end: stage I, stage II and the single-stage ablation, then a held-out two-turn report.
+
+    python -m glore_jax.rl.score_recipe --config=configs/score_demo.py [--config.workdir=... --config.seed=1]
+
+The config is an ordinary `score` training config plus `score_recipe.*`
+(steps per stage, whether to run the ablation, test questions). From it
+`run_configs` derives one training config per run, each in its own
+`<workdir>/<run>` (each resumes or skips on rerun, like any `train` job):
+
+    stage1   score.stage=1 from `init_from` (the base policy), stage1_steps
+    stage2   score.stage=2 from stage1's model, KL still to the base policy, stage2_steps
+    single   score.stage=2 with score.alpha=0 from the base policy, stage1_steps + stage2_steps:
+             plain two-turn RL with the same samples budget, the ablation that should collapse
+
+Then every model (base, single, stage1, stage2) answers each test question
+twice, greedily (`two_turn.greedy_two_turn`), and `<workdir>/report.{json,md}`
+gives Acc@t1, Acc@t2, the deltas and the identical-second-turn share, with
+95% Wilson intervals and exact McNemar tests on the same questions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+from glore_jax import cli, files
+from glore_jax.errors import ConfigError
+
+RUNS = ("stage1", "stage2", "single")
+ROWS = {"base": "base policy, prompted to self-correct", "single": "single-stage two-turn RL (alpha = 0)",
+        "stage1": "SCoRe stage I only", "stage2": "SCoRe stage I + II"}
+
+
+def recipe_knobs() -> ConfigDict:
+    r = ConfigDict()
+    r.stage1_steps = 40
+    r.stage2_steps = 80
+    r.ablation = True          # also train `single` (alpha = 0, no stage I)
+    r.test_questions = 0       # 0 = the whole test split
+    return r
+
+
+def run_configs(config: ConfigDict) -> dict[str, ConfigDict]:
+    """The training config of each run (stage1, stage2 and, with score_recipe.ablation, single)."""
+    if "score_recipe" not in config:
+        raise ConfigError("this command needs score_recipe.* knobs: start the config from configs/score_demo.py")
+    if not config.init_from:
+        raise ConfigError("init_from must name the base policy SCoRe starts from (a saved model or workdir)")
+    r = config.score_recipe
+    plan = {"stage1": (1, config.score.alpha, config.init_from, r.stage1_steps),
+            "stage2": (2, config.score.alpha, os.path.join(config.workdir, "stage1"), r.stage2_steps)}
+    if r.ablation:
+        plan["single"] = (2, 0.0, config.init_from, r.stage1_steps + r.stage2_steps)
+    out = {}
+    for name, (stage, alpha, init_from, steps) in plan.items():
+        c = copy.deepcopy(config)
+        c.unlock()
+        c.objective, c.workdir, c.init_from = "score", os.path.join(config.workdir, name), init_from
+        c.score.stage, c.score.alpha, c.train.total_steps = stage, alpha, steps
+        c.score.reference = config.score.reference or config.init_from  # every run's KL is to the base policy
+        c.lock()
+        out[name] = c
+    return out
+
+
+def row(outcomes: list[dict]) -> dict:
+    from glore_jax.recipe import stats
+    from glore_jax.rl.score import self_correction_metrics
+    c1, c2 = [o["correct_t1"] for o in outcomes], [o["correct_t2"] for o in outcomes]
+    n = len(outcomes)
+    out = self_correction_metrics(c1, c2)
+    out.update(n=n, identical=sum(o["identical"] for o in outcomes) / n,
+               ci95_t1=stats.wilson_interval(sum(c1), n), ci95_t2=stats.wilson_interval(sum(c2), n),
+               p_t2_vs_t1=stats.mcnemar_exact(c1, c2))
+    return out
+
+
+def report(config: ConfigDict, timings: dict[str, float]) -> dict:
+    from glore_jax import sharding, trainer
+    from glore_jax.recipe import stats
+    from glore_jax.rl.two_turn import greedy_two_turn
+    from glore_jax.training import config as train_config, inputs
+    from glore_jax.training.checkpoints import load_init
+    exp = train_config.experiment(config)
+    mesh = sharding.make_mesh(exp.mesh)
+    tok = inputs.load_tokenizer(exp.data)
+    test = list(inputs.task_split(exp.data, "test"))
+    n = config.score_recipe.test_questions or len(test)
+    test = test[:n]
+    models = {"base": config.init_from, **{name: os.path.join(config.workdir, name) for name in RUNS
+                                           if os.path.isdir(os.path.join(config.workdir, name))}}
+    outcomes = {}
+    for name, path in models.items():
+        outcomes[name] = greedy_two_turn(*load_init(path, mesh), tok, test, mesh, max_new=exp.rl.max_new_tokens,
+                                         max_prompt_len=exp.rl.max_prompt_len)
+    rows = {name: row(o) for name, o in outcomes.items()}
+    t2 = {k: [o["correct_t2"] for o in v] for k, v in outcomes.items()}
+    base_t1 = [o["correct_t1"] for o in outcomes["base"]]
+    paired = {f"{k}_t2_vs_base_t1": stats.mcnemar_exact(base_t1, t2[k]) for k in rows if k != "base"}
+    if "single" in t2:
+        paired.update({f"{k}_t2_vs_single_t2": stats.mcnemar_exact(t2["single"], t2[k]) for k in ("stage1", "stage2")
+                       if k in t2})
+    result = {"num_test": n, "seed": config.seed, "init_from": config.init_from, "rows": rows, "paired_p": paired,
+              "score": json.loads(config.score.to_json()), "score_recipe": json.loads(config.score_recipe.to_json()),
+              "rl": json.loads(config.rl.to_json()), "train_minutes": {k: v / 60 for k, v in timings.items()},
+              "peak_rss_gb": {k: trainer.done_info(os.path.join(config.workdir, k)).get("peak_rss_gb") for k in RUNS
+                              if k in timings}}
+    files.write_json(os.path.join(config.workdir, "report.json"), result, indent=2)
+    files.write_atomic(os.path.join(config.workdir, "report.md"), markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    ci = lambda c: f"({pct(c[0])}-{pct(c[1])})"  # noqa: E731
+    lines = [f"SCoRe, {result['num_test']} test questions, seed {result['seed']}, greedy at both turns.", "",
+             "| model | Acc@t1 (95% CI) | Acc@t2 (95% CI) | delta | wrong->right | right->wrong | t2 = t1 | "
+             "p (t2 vs t1) |", "| --- " * 8 + "|"]
+    for name, r in result["rows"].items():
+        lines.append(f"| {ROWS[name]} | {pct(r['acc_t1'])} {ci(r['ci95_t1'])} | {pct(r['acc_t2'])} {ci(r['ci95_t2'])}"
+                     f" | {100 * r['delta']:+.1f} | {pct(r['delta_i2c'])} | {pct(r['delta_c2i'])} | "
+                     f"{pct(r['identical'])} | {r['p_t2_vs_t1']:.3g} |")
+    lines += ["", "Exact McNemar, same questions: " + "; ".join(
+        f"{k.replace('_', ' ')} p = {v:.3g}" for k, v in result["paired_p"].items()), "",
+              "Training minutes: " + ", ".join(f"{k} {v:.1f}" for k, v in result["train_minutes"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def run(config: ConfigDict) -> dict:
+    from glore_jax import trainer
+    timings = {}
+    for name, c in run_configs(config).items():
+        t0 = time.perf_counter()
+        trainer.train(c)
+        timings[name] = trainer.done_info(c.workdir).get("wall_seconds") or time.perf_counter() - t0
+        print(f"{name}: done in {timings[name] / 60:.1f} min", flush=True)
+    result = report(config, timings)
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    # Defined here, not at import: config files import this module's knobs, and `train` has its own --config.
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "A score config with score_recipe.* knobs.",
+                                              lock_config=True)
+    flags.mark_flags_as_required(["config"])
+    cli.main(lambda argv: run(_CONFIG.value))
