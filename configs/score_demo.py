@@ -4,7 +4,7 @@
     python -m glore_jax.rl.score_recipe --config=configs/score_demo.py  # all runs, then report.{json,md}
     python -m glore_jax.train --config=configs/score_demo.py:stage1     # or one run on its own
 
-Each step samples 16 questions x 8 first attempts at temperature 0.7 (the
+Each step samples 8 questions x 8 first attempts at temperature 0.7 (the
 pipeline's sampling temperature, see configs/rl_demo.py), one second attempt
 each, and takes one clipped GRPO step on both turns' tokens.
 """
@@ -27,7 +27,7 @@ def get_config(run: str | None = None):
     c.init_from = "workdir/demo/stages/ei_1"   # the demo's policy after SFT and Expert Iteration
     c.data.data_dir = "workdir/demo/data"
     c.data.eval_split = "test"
-    c.train.batch_size = 128              # episodes: 16 questions x rl.group_size first attempts
+    c.train.batch_size = 64               # episodes: 8 questions x rl.group_size first attempts
     c.train.learning_rate = 1e-4
     c.train.warmup_steps = 5
     c.train.weight_decay = 0.0

@@ -47,3 +47,25 @@ def tokenizer_path(tmp_path_factory, task_records):
 def one_device():
     from glore_jax.sharding import make_mesh
     return make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def warm_policy(tmp_path_factory):
+    """A tiny policy after a short SFT on one-step problems: right often enough for rewards to vary."""
+    from glore_jax import trainer
+    from glore_jax.sharding import make_mesh
+    from glore_jax.tasks import generate_split
+    from glore_jax.tokenizer import train_tokenizer
+    from glore_jax.training.evals import GenerationEval
+    from tests import onpolicy
+    root = tmp_path_factory.mktemp("warm")
+    records = list(generate_split(onpolicy.TASK, "train"))
+    tok = str(root / "tok.model")
+    train_tokenizer((t for r in records for t in (r["question"], r["answer"])), 512, tok)
+    c = onpolicy.config(root / "sft", tok, "", 150)
+    c.init_from, c.train.learning_rate, c.train.warmup_steps, c.train.log_every = "", 1e-2, 10, 50
+    c.train.eval_every = 75
+    held_out = list(generate_split(onpolicy.TASK, "test"))
+    trainer.train(c, objective="sft", records=records, mesh=make_mesh((1, 1, 1), devices=jax.devices()[:1]),
+                  evaluators=[lambda run: GenerationEval(run, held_out, max_new=40, rows=8)])
+    return tok, str(root / "sft")

@@ -4,9 +4,10 @@ The policy samples G completions per question from the *current* params
 (`rl.Rollouts`), each rewarded by exact final answer; with `rl.mu = 2` every
 batch of rollouts serves two steps, so a checkpoint can fall between them
 and must carry the batch. A frozen reference policy (the initial params)
-gives the KL term.
+gives the KL term. `--objective=score` runs SCoRe's stage I instead: two-turn
+episodes (`rl.TwoTurnRollouts`) with the same knobs.
 
-    python -m tests.onpolicy --workdir DIR --init_from POLICY_DIR --tokenizer TOK --steps N
+    python -m tests.onpolicy --workdir DIR --init_from POLICY_DIR --tokenizer TOK --steps N [--objective score]
 """
 
 from __future__ import annotations
@@ -20,21 +21,22 @@ TASK = SyntheticConfig(train_size=96, test_size=8, min_steps=1, max_steps=1, min
                        max_factor=3, max_value=40, seed=11)
 
 
-def config(workdir, tokenizer, init_from, steps, checkpoint_every=3):
+def config(workdir, tokenizer, init_from, steps, checkpoint_every=3, objective="grpo"):
     from configs.smoke import get_config
     c = get_config()
     c.workdir, c.init_from, c.data.tokenizer, c.data.eval_split = str(workdir), str(init_from), tokenizer, ""
     c.train.total_steps, c.train.learning_rate, c.train.warmup_steps = steps, 1e-3, 0
     c.train.log_every, c.train.checkpoint_every, c.train.batch_size = 1, checkpoint_every, 16
-    c.objective = "grpo"
+    c.objective = objective
+    c.score.stage = 1  # SCoRe's stage I: its turn-1 KL weight (beta2) is the one that differs from grpo's
     c.rl.group_size, c.rl.mu, c.rl.beta, c.rl.max_new_tokens, c.rl.max_prompt_len = 4, 2, 0.05, 40, 64
     return c
 
 
-def train(workdir, tokenizer, init_from, steps, checkpoint_every=3):
+def train(workdir, tokenizer, init_from, steps, checkpoint_every=3, objective="grpo"):
     from glore_jax import trainer
     records = list(generate_split(TASK, "train"))
-    return trainer.train(config(workdir, tokenizer, init_from, steps, checkpoint_every), records=records)
+    return trainer.train(config(workdir, tokenizer, init_from, steps, checkpoint_every, objective), records=records)
 
 
 def main():
@@ -42,8 +44,9 @@ def main():
     for flag in ("--workdir", "--init_from", "--tokenizer"):
         p.add_argument(flag, required=True)
     p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--objective", default="grpo", choices=("grpo", "score"))
     args = p.parse_args()
-    train(args.workdir, args.tokenizer, args.init_from, args.steps)
+    train(args.workdir, args.tokenizer, args.init_from, args.steps, objective=args.objective)
     print(json.dumps({"finished": args.steps}))
 
 

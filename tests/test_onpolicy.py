@@ -13,31 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from glore_jax import trainer
 from glore_jax.sharding import make_mesh
 from glore_jax.tasks import generate_split
-from glore_jax.tokenizer import train_tokenizer
 from glore_jax.training.checkpoints import Checkpoints
-from glore_jax.training.evals import GenerationEval
 from tests import onpolicy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def warm_policy(tmp_path_factory):
-    """A tiny policy after a short SFT on one-step problems: right often enough for rewards to vary."""
-    root = tmp_path_factory.mktemp("warm")
-    records = list(generate_split(onpolicy.TASK, "train"))
-    tok = str(root / "tok.model")
-    train_tokenizer((t for r in records for t in (r["question"], r["answer"])), 512, tok)
-    c = onpolicy.config(root / "sft", tok, "", 150)
-    c.init_from, c.train.learning_rate, c.train.warmup_steps, c.train.log_every = "", 1e-2, 10, 50
-    c.train.eval_every = 75
-    held_out = list(generate_split(onpolicy.TASK, "test"))
-    trainer.train(c, objective="sft", records=records, mesh=make_mesh((1, 1, 1), devices=jax.devices()[:1]),
-                  evaluators=[lambda run: GenerationEval(run, held_out, max_new=40, rows=8)])
-    return tok, str(root / "sft")
 
 
 def test_generation_eval_runs_in_the_loop(warm_policy):
@@ -52,17 +33,25 @@ def _metrics(workdir):
     return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _job(workdir, tok, init, steps):
+def _job(workdir, tok, init, steps, objective="grpo"):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     return subprocess.Popen([sys.executable, "-m", "tests.onpolicy", f"--workdir={workdir}", f"--init_from={init}",
-                             f"--tokenizer={tok}", f"--steps={steps}"], cwd=ROOT, env=env,
+                             f"--tokenizer={tok}", f"--steps={steps}", f"--objective={objective}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_grpo_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tmp_path):
+LOGGED = {"grpo": ("reward_std", "accuracy", "clip_fraction", "entropy", "completion_length", "cut_at_limit",
+                    "sample_tokens_per_sec", "train_tokens_per_sec", "peak_rss_gb"),
+          "score": ("reward_std", "acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "identical", "kl_t1",
+                    "kl_t2", "length_t1", "length_t2", "reward_t1", "sample_tokens_per_sec", "peak_rss_gb")}
+
+
+@pytest.mark.parametrize("objective", ["grpo", "score"])
+def test_rl_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tmp_path, objective):
+    """GRPO, and SCoRe's two-turn episodes (whose reused batch must keep its turn ids across a restart)."""
     tok, policy = warm_policy
     steps = 8
-    out, _ = _job(tmp_path / "straight", tok, policy, steps).communicate(timeout=600)
+    out, _ = _job(tmp_path / "straight", tok, policy, steps, objective).communicate(timeout=600)
     assert '"finished": 8' in out, out[-3000:]
     straight = _metrics(tmp_path / "straight")
     assert [r["step"] for r in straight] == list(range(1, steps + 1))
@@ -71,12 +60,11 @@ def test_grpo_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tmp
     assert any(abs(r["loss"]) > 1e-6 for r in straight) and all(r["kl"] == r["kl"] for r in straight)
     assert abs(straight[0]["kl"]) < 1e-6          # step 1 samples the reference itself
     assert straight[0]["ratio"] == 1.0 and straight[1]["ratio"] != 1.0   # step 2 reuses step 1's rollouts
-    for key in ("reward_std", "accuracy", "clip_fraction", "entropy", "completion_length", "cut_at_limit",
-                "sample_tokens_per_sec", "train_tokens_per_sec", "peak_rss_gb"):
+    for key in LOGGED[objective]:
         assert key in straight[-1], key
 
     killed = tmp_path / "killed"
-    proc = _job(killed, tok, policy, steps)
+    proc = _job(killed, tok, policy, steps, objective)
     deadline = time.time() + 600
     while Checkpoints(str(killed), max_to_keep=2).latest_step() is None or len(_metrics_or_empty(killed)) < 5:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
@@ -85,12 +73,12 @@ def test_grpo_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tmp
     proc.wait(timeout=30)
     killed_at = Checkpoints(str(killed), max_to_keep=2).latest_step()
     assert len(_metrics_or_empty(killed)) < steps and 2 <= killed_at < steps
-    out, _ = _job(killed, tok, policy, steps).communicate(timeout=600)
+    out, _ = _job(killed, tok, policy, steps, objective).communicate(timeout=600)
     assert '"finished": 8' in out, out[-3000:]
     resumed = _metrics(killed)
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     for a, b in zip(straight, resumed):
-        assert (a["loss"], a["reward"], a["kl"]) == (b["loss"], b["reward"], b["kl"]), (a, b)
+        assert (a["loss"], a["reward"], a["kl"], a.get("acc_t1")) == (b["loss"], b["reward"], b["kl"], b.get("acc_t1")), (a, b)
 
 
 def _metrics_or_empty(workdir):

@@ -64,9 +64,14 @@ def turn_advantages(r1, r2, *, stage: int, alpha: float, group_size: int, estima
 
 
 def token_weights(turn_ids, adv_t1, adv_t2, *, stage: int, beta1: float, beta2: float):
-    """(advantage, KL weight), each `[B, T]`: each turn's tokens get their turn's values, others 0."""
+    """(advantage, KL weight), each `[B, T]`: each turn's tokens get their turn's values, others 0.
+
+    In stage 1 turn 1 gets no advantage whatever `adv_t1` holds: its only gradient is the KL's.
+    """
     turn = jnp.asarray(turn_ids)
     t1, t2 = turn == 1, turn == 2
+    if stage == 1:
+        adv_t1 = jnp.zeros_like(jnp.asarray(adv_t1, jnp.float32))
     adv = jnp.where(t1, jnp.asarray(adv_t1)[:, None], 0.0) + jnp.where(t2, jnp.asarray(adv_t2)[:, None], 0.0)
     beta = jnp.where(t1, beta2 if stage == 1 else beta1, 0.0) + jnp.where(t2, beta1, 0.0)
     return adv.astype(jnp.float32), beta.astype(jnp.float32)
