@@ -100,6 +100,11 @@ def test_self_correct_format_layout():
     assert list(ex.tokens[:ex.prompt_len]) == ids and ex.loss_mask[:ex.prompt_len].sum() == 0
     assert list(ex.tokens[ex.prompt_len:]) == tok.encode(rec["target"]) + [tok.eos_id]
     assert "error" in tok.decode(ids) and fmt.head == "lm"
+    # Without a draft the record is the episode's first turn: the policy's layout, loss on the target.
+    first_turn = fmt.example(tok, {"question": rec["question"], "target": rec["target"]})
+    policy = prompts.policy_example(tok, rec["question"], rec["target"])
+    np.testing.assert_array_equal(first_turn.tokens, policy.tokens)
+    np.testing.assert_array_equal(first_turn.loss_mask, policy.loss_mask)
 
 
 def test_two_turn_rollouts_layout_rewards_and_restore(warm_policy):

@@ -12,7 +12,8 @@ Layouts (`<x>` are control tokens, see `glore_jax.tokenizer`; left of `|` is
 the prompt, right the target):
 
     policy         <bos> question <SOL> | solution <eos>
-    self_correct   <bos> question <SOL> draft <eos> instruction <SOL> | solution <eos>   (SCoRe turn 2)
+    self_correct   <bos> question <SOL> draft <eos> instruction <SOL> | solution <eos>   (SCoRe turn 2;
+                   without a draft, turn 1: the policy layout)
     orm, sorm      <bos> question <SOL> | solution <eos>      (value head read at step ends)
     global_refiner <bos> question <DRAFT> draft <FIX> | solution <eos>
     local_refiner  <bos> question <DRAFT> draft[:i] <BAD> draft[i:] <FIX> draft[:i] | continuation <eos>
@@ -265,9 +266,17 @@ def self_correct_prompt(tok: Tokenizer, first_prompt: Sequence[int], first_attem
             + [tok.control_id("[SOL]")])
 
 
+def _self_correct_example(tok: Tokenizer, r: Record) -> Example:
+    # Without a draft, the episode's first turn: the policy layout (a warm-up mixes both turns, so that
+    # learning the second does not erase the first in a small model).
+    first = policy_prompt(tok, r["question"])
+    prompt = self_correct_prompt(tok, first, tok.encode(r["draft"])) if "draft" in r else first
+    return make_example(prompt, tok.encode(r["target"]) + [tok.eos_id])
+
+
 register(PromptFormat(
-    name="self_correct", fields=("question", "draft", "target"), head="lm", loss="the second attempt and EOS",
-    prompt=lambda tok, r: self_correct_prompt(tok, policy_prompt(tok, r["question"]), tok.encode(r["draft"])),
-    example=lambda tok, r: make_example(
-        self_correct_prompt(tok, policy_prompt(tok, r["question"]), tok.encode(r["draft"])),
-        tok.encode(r["target"]) + [tok.eos_id])))
+    name="self_correct", fields=("question", "target"), head="lm",
+    loss="the attempt (the second, if the record has a draft) and EOS",
+    prompt=lambda tok, r: (self_correct_prompt(tok, policy_prompt(tok, r["question"]), tok.encode(r["draft"]))
+                           if "draft" in r else policy_prompt(tok, r["question"])),
+    example=_self_correct_example))

@@ -18,14 +18,18 @@ answers a second turn about as well as the first (the paper's base: 52.6%
 -> 41.4% on MATH). The demo policy was trained on single-turn sequences of
 at most `data.max_len` tokens, so its second attempt sits at positions it
 never saw and it answers 6% at turn 2 against 52% at turn 1; stage I then
-barely moved (3% -> 9% in 25 steps). The warm-up teaches only the format:
-for each of `warmup_questions` train questions, a sample of the policy at
-the sampling temperature is the draft and the policy's own greedy solution
-is the target, unfiltered. The target does not depend on whether the draft
-is right, so nothing is learned about correcting: the second turn learns to
-answer as the first would. (Two temperature samples as draft and target, the
-first version, taught the sampled arithmetic slips: turn-1 greedy accuracy
-fell from 52% to 11%.) `warmup_steps=0` starts SCoRe from `init_from` itself.
+barely moved (3% -> 9% in 25 steps) while turn 1 fell. The warm-up teaches
+only the format, by self-distillation: for each of `warmup_questions` train
+questions, the policy's own greedy solution is the target of two examples,
+one at turn 1 (no draft) and one at turn 2 after a draft sampled from the
+policy at `rl.temperature`, unfiltered. The target does not depend on
+whether the draft is right, so nothing is learned about correcting: the
+second turn learns to answer as the first would. What failed first: draft
+and target two temperature samples, turn 2 only (turn-1 greedy accuracy
+fell from 52% to 11% on 64 test questions), and greedy targets, turn 2
+only (14%): in this ~1M-parameter model, learning the second turn alone
+overwrote the first; the turn-1 examples hold it in place.
+`warmup_steps=0` starts SCoRe from `init_from` itself.
 
 Then every model (the demo policy, base, single, stage1, stage2) answers each test question
 twice, greedily (`two_turn.greedy_two_turn`), and `<workdir>/report.{json,md}`
@@ -55,8 +59,8 @@ WARMUP_RECORDS = "warmup_records.jsonl"
 
 def recipe_knobs() -> ConfigDict:
     r = ConfigDict()
-    r.warmup_steps = 100       # SFT steps of the format warm-up (0 = none: SCoRe starts from init_from)
-    r.warmup_learning_rate = 5e-4
+    r.warmup_steps = 150       # SFT steps of the format warm-up (0 = none: SCoRe starts from init_from)
+    r.warmup_learning_rate = 3e-4
     r.warmup_questions = 2048  # train questions, two policy samples each
     r.stage1_steps = 40
     r.stage2_steps = 80
@@ -106,7 +110,8 @@ def episode_width(config: ConfigDict) -> int:
 
 
 def warmup_records(config: ConfigDict, path: str) -> list[dict]:
-    """(question, draft, target): a policy sample at rl.temperature and the policy's greedy solution, unfiltered.
+    """Per question, the policy's greedy solution as the target of a turn-1 record (no draft) and of a turn-2
+    record whose draft is a policy sample at rl.temperature; unfiltered.
 
     Written once to `path` (atomically); a rerun reads them back, so a crash after sampling loses nothing.
     """
@@ -128,8 +133,10 @@ def warmup_records(config: ConfigDict, path: str) -> list[dict]:
     ids = [fit_prompt(get("policy").prompt(tok, q), exp.rl.max_prompt_len)[0] for q in questions]
     drafts = gen.complete(ids, temperature=exp.rl.temperature, seed=config.seed)
     targets = gen.complete(ids)
-    records = [{"id": q.get("id", str(i)), "question": q["question"], "gold": q["gold"], "draft": a[0],
-                "target": b[0]} for i, (q, a, b) in enumerate(zip(questions, drafts, targets))]
+    records = []
+    for i, (q, a, b) in enumerate(zip(questions, drafts, targets)):
+        common = {"question": q["question"], "gold": q["gold"], "target": b[0]}
+        records += [{"id": f"{i}-t1", **common}, {"id": f"{i}-t2", "draft": a[0], **common}]
     write_records(path, records)
     return records
 
