@@ -38,8 +38,11 @@ def test_turn_advantages_per_stage_hand_computed():
     np.testing.assert_allclose(a1, 0.0)
     np.testing.assert_allclose(a2, [0.5, 0.5, -0.5, -0.5])              # r2 - mean(r2)
     a1, a2 = turn_advantages(r1, r2, stage=2, alpha=10.0, group_size=4, estimator="reinforce")
-    # shaped = r2 + 10 (r2 - r1) = [1, 11, 0, -10], mean 0.5; r1 + shaped = [2, 11, 0, -9], mean 1
+    # shaped = r2 + 10 (r2 - r1) = [1, 11, 0, -10], mean 0.5; turn 1: r1 + r2 = [2, 1, 0, 1], mean 1
     np.testing.assert_allclose(a2, [0.5, 10.5, -0.5, -10.5])
+    np.testing.assert_allclose(a1, [1.0, 0.0, -1.0, 0.0])
+    # The literal sum r1 + shaped = [2, 11, 0, -9], mean 1: turn 1 is paid for being wrong (row 2: +10)
+    a1, _ = turn_advantages(r1, r2, stage=2, alpha=10.0, group_size=4, estimator="reinforce", turn1_return="shaped")
     np.testing.assert_allclose(a1, [1.0, 10.0, -1.0, -10.0])
     # rloo within two groups of 2: turn 2 of group 2 has shaped [0, -10] -> [10, -10]
     _, a2 = turn_advantages(r1, r2, stage=2, alpha=10.0, group_size=2, estimator="rloo")

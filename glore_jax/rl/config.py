@@ -48,6 +48,7 @@ class RLConfig:
 
 
 SCORE_STAGES = (1, 2)
+TURN1_RETURNS = ("unshaped", "shaped")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,9 +63,12 @@ class ScoreConfig:
     beta1: float = 0.01         # KL weight on turn 2 (both stages) and on turn 1 in stage 2
     beta2: float = 0.25         # KL weight on turn 1 in stage 1 (the paper: 0.1 on MATH, 0.25 on MBPP)
     reference: str = ""         # KL reference: a saved model or workdir ('' = the run's initial params)
+    turn1_return: str = "unshaped"  # stage 2, turn 1's return: unshaped r1 + r2, or shaped r1 + r^2 (see rl.score)
 
     def check(self) -> None:
         if self.stage not in SCORE_STAGES:
             raise ConfigError(f"score.stage must be 1 or 2, got {self.stage!r}")
+        if self.turn1_return not in TURN1_RETURNS:
+            raise ConfigError(f"score.turn1_return {self.turn1_return!r} unknown; valid: {list(TURN1_RETURNS)}")
         if self.alpha < 0 or self.beta1 < 0 or self.beta2 < 0:
             raise ConfigError("score.alpha, score.beta1 and score.beta2 must be >= 0")

@@ -62,8 +62,8 @@ def recipe_knobs() -> ConfigDict:
     r.warmup_steps = 150       # SFT steps of the format warm-up (0 = none: SCoRe starts from init_from)
     r.warmup_learning_rate = 3e-4
     r.warmup_questions = 2048  # train questions, two policy samples each
-    r.stage1_steps = 40
-    r.stage2_steps = 80
+    r.stage1_steps = 80
+    r.stage2_steps = 160
     r.ablation = True          # also train `single` (alpha = 0, no stage I)
     r.test_questions = 0       # 0 = the whole test split
     return r

@@ -128,7 +128,7 @@ class TwoTurnRollouts(Rollouts):
         arr["loss_mask"] = (arr["turn_ids"] > 0).astype(np.float32)
         s = self.score
         a1, a2 = turn_advantages(per_row["rewards_t1"], per_row["rewards_t2"], stage=s.stage, alpha=s.alpha,
-                                 group_size=cfg.group_size, estimator=cfg.estimator)
+                                 group_size=cfg.group_size, estimator=cfg.estimator, turn1_return=s.turn1_return)
         arr["adv_t1"], arr["adv_t2"] = np.asarray(a1, np.float32), np.asarray(a2, np.float32)
         if cfg.mu > 1:
             batch = data.put_local(run.mesh, {k: arr[k] for k in ("tokens", "positions", "segment_ids")})
