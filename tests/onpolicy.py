@@ -4,7 +4,7 @@ The policy samples G completions per question from the *current* params
 (`rl.Rollouts`), each rewarded by exact final answer; with `rl.mu = 2` every
 batch of rollouts serves two steps, so a checkpoint can fall between them
 and must carry the batch. A frozen reference policy (the initial params)
-gives the KL term. `--objective=score` runs SCoRe's stage I instead: two-turn
+gives the KL term. `--objective=score` runs SCoRe's stage II instead: two-turn
 episodes (`rl.TwoTurnRollouts`) with the same knobs.
 
     python -m tests.onpolicy --workdir DIR --init_from POLICY_DIR --tokenizer TOK --steps N [--objective score]
@@ -28,7 +28,9 @@ def config(workdir, tokenizer, init_from, steps, checkpoint_every=3, objective="
     c.train.total_steps, c.train.learning_rate, c.train.warmup_steps = steps, 1e-3, 0
     c.train.log_every, c.train.checkpoint_every, c.train.batch_size = 1, checkpoint_every, 16
     c.objective = objective
-    c.score.stage = 1  # SCoRe's stage I: its turn-1 KL weight (beta2) is the one that differs from grpo's
+    # SCoRe's stage II: this toy policy never answers a second turn right, so stage I's only reward,
+    # r(y2), would be 0 everywhere; stage II's turn-1 return r(y1) + r(y2) varies.
+    c.score.stage = 2
     c.rl.group_size, c.rl.mu, c.rl.beta, c.rl.max_new_tokens, c.rl.max_prompt_len = 4, 2, 0.05, 40, 64
     return c
 

@@ -55,7 +55,7 @@ def test_rl_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tmp_p
     assert '"finished": 8' in out, out[-3000:]
     straight = _metrics(tmp_path / "straight")
     assert [r["step"] for r in straight] == list(range(1, steps + 1))
-    rewards = [r["reward"] for r in straight]
+    rewards = [r["reward_t1" if objective == "score" else "reward"] for r in straight]
     assert 0 < np.mean(rewards) < 1, rewards      # the group baseline has something to subtract
     assert any(abs(r["loss"]) > 1e-6 for r in straight) and all(r["kl"] == r["kl"] for r in straight)
     assert abs(straight[0]["kl"]) < 1e-6          # step 1 samples the reference itself
