@@ -15,11 +15,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
 
-from glore_jax.rl.score_recipe import recipe_knobs, run_configs  # noqa: E402
+from glore_jax.rl.score_recipe import RUNS, recipe_knobs, run_configs  # noqa: E402
 
 
 def get_config(run: str | None = None):
-    """The recipe's shared config; `run` (stage1, stage2, single) is that one training job's config."""
+    """The recipe's shared config; `run` (warmup, stage1, stage2, single) is that one training job's config
+    (any other name is the demo's stage of that name)."""
+    if run not in (None, *RUNS):
+        return demo.get_config(run)
     c = demo.get_config("rl")
     c.unlock()
     c.objective = "score"

@@ -179,3 +179,31 @@ def test_two_turn_rollouts_layout_rewards_and_restore(warm_policy):
     rows = greedy_two_turn(model, params, tok, records[:6], mesh, max_new=40, max_prompt_len=64, rows=8)
     assert len(rows) == 6 and all(r["correct_t1"] == is_correct(r["t1"], rec["gold"]) for r, rec in
                                   zip(rows, records[:6]))
+
+
+def test_score_demo_derives_each_run_from_one_config():
+    """warmup -> stage1 -> stage2 and the ablation from the same base, every KL to the warmed-up base."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "score_demo.py"
+    spec = importlib.util.spec_from_file_location("score_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shared = module.get_config()
+    runs = {name: module.get_config(name) for name in ("warmup", "stage1", "stage2", "single")}
+    warm = runs["warmup"]
+    assert (warm.objective, warm.data.prompt_format, warm.init_from) == ("sft", "self_correct", shared.init_from)
+    assert warm.data.max_len >= shared.rl.max_prompt_len + 2 * shared.rl.max_new_tokens
+    assert (runs["stage1"].score.stage, runs["stage1"].init_from) == (1, warm.workdir)
+    assert (runs["stage2"].score.stage, runs["stage2"].init_from) == (2, runs["stage1"].workdir)
+    assert (runs["single"].score.stage, runs["single"].score.alpha, runs["single"].init_from) == (2, 0.0, warm.workdir)
+    assert runs["stage2"].score.alpha == shared.score.alpha == 10.0
+    assert {runs[k].score.reference for k in ("stage1", "stage2", "single")} == {warm.workdir}
+    r = shared.score_recipe
+    assert runs["single"].train.total_steps == r.stage1_steps + r.stage2_steps   # the same sample budget
+    assert len({c.workdir for c in runs.values()}) == 4
+    shared.unlock()
+    shared.score_recipe.warmup_steps = 0      # no warm-up: SCoRe starts from init_from itself
+    from glore_jax.rl.score_recipe import run_configs
+    plain = run_configs(shared)
+    assert "warmup" not in plain and plain["stage1"].init_from == plain["stage1"].score.reference == shared.init_from

@@ -154,4 +154,6 @@ class Rollouts:
     def stats(self) -> dict[str, int]:
         """Completions sampled, prompts cut to rl.max_prompt_len (per completion), completions cut at the limit."""
         return {"examples": self.position * self.cfg.group_size,
-                "prompt_truncated": self.cut_prompts * self.cfg.group_size, "target_truncated": self.at_limit}
+                "prompt_truncated": self.cut_prompts * self.cfg.group_size, "target_truncated": self.at_limit,
+                "limits": {"prompt_truncated": f"rl.max_prompt_len={self.cfg.max_prompt_len}",
+                           "target_truncated": f"rl.max_new_tokens={self.cfg.max_new_tokens}"}}

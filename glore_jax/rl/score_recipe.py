@@ -1,6 +1,7 @@
 """SCoRe end to end: stage I, stage II and the single-stage ablation, then a held-out two-turn report.
 
     python -m glore_jax.rl.score_recipe --config=configs/score_demo.py [--config.workdir=... --config.seed=1]
+    python -m glore_jax.rl.score_recipe --summarize=workdir/score_s0,workdir/score_s1 [--out=table.md]
 
 The config is an ordinary `score` training config plus `score_recipe.*`
 (steps per stage, whether to run the ablation, test questions). From it
@@ -183,7 +184,10 @@ def report(config: ConfigDict, timings: dict[str, float]) -> dict:
               "score": json.loads(config.score.to_json()), "score_recipe": json.loads(config.score_recipe.to_json()),
               "rl": json.loads(config.rl.to_json()), "train_minutes": {k: v / 60 for k, v in timings.items()},
               "peak_rss_gb": {k: trainer.done_info(os.path.join(config.workdir, k)).get("peak_rss_gb") for k in RUNS
-                              if k in timings}}
+                              if k in timings},
+              # Per question, for tests pooled over seeds (`summarize`).
+              "outcomes": {k: {"t1": [bool(o["correct_t1"]) for o in v], "t2": [bool(o["correct_t2"]) for o in v]}
+                           for k, v in outcomes.items()}}
     files.write_json(os.path.join(config.workdir, "report.json"), result, indent=2)
     files.write_atomic(os.path.join(config.workdir, "report.md"), markdown(result))
     return result
@@ -205,6 +209,32 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarize(workdirs: list[str]) -> str:
+    """Several seeds' reports in one table: per-seed values, the mean with a Student-t 95% interval over
+    seeds, and exact McNemar tests pooled over every (seed, question)."""
+    from glore_jax.recipe import stats
+    reports = [files.read_json_file(os.path.join(d, "report.json")) for d in workdirs]
+    names = [k for k in ROWS if all(k in r["rows"] for r in reports)]
+    base = "warmup" if "warmup" in names else "init"
+    lines = [f"SCoRe over seeds {', '.join(str(r['seed']) for r in reports)}, {reports[0]['num_test']} test "
+             "questions each, greedy at both turns; mean (95% t-interval over seeds).", "",
+             "| model | Acc@t1 | Acc@t2 | delta | wrong->right | right->wrong | t2 = t1 |", "| --- " * 7 + "|"]
+    for name in names:
+        cells = []
+        for key in ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "identical"):
+            mean, lo, hi = stats.mean_ci([100 * r["rows"][name][key] for r in reports])
+            cells.append(f"{mean:.1f} ({lo:.1f} to {hi:.1f})" if len(reports) > 1 else f"{mean:.1f}")
+        lines.append(f"| {ROWS[name]} | " + " | ".join(cells) + " |")
+    pooled = {k: {t: [x for r in reports for x in r["outcomes"][k][t]] for t in ("t1", "t2")} for k in names}
+    tests = {f"{k} t2 vs {k} t1": (pooled[k]["t1"], pooled[k]["t2"]) for k in names}
+    tests.update({f"{k} t2 vs base t1": (pooled[base]["t1"], pooled[k]["t2"]) for k in names if k not in ("init", base)})
+    if "single" in names and "stage2" in names:
+        tests["stage2 t2 vs single t2"] = (pooled["single"]["t2"], pooled["stage2"]["t2"])
+    lines += ["", "Exact McNemar pooled over every (seed, question): " + "; ".join(
+        f"{k} p = {stats.mcnemar_exact(a, b):.3g}" for k, (a, b) in tests.items())]
+    return "\n".join(lines) + "\n"
+
+
 def run(config: ConfigDict) -> dict:
     from glore_jax import trainer
     timings = {}
@@ -219,9 +249,22 @@ def run(config: ConfigDict) -> dict:
     return result
 
 
+def _main(argv) -> None:
+    if _SUMMARIZE.value:
+        md = summarize(_SUMMARIZE.value)
+        print(md)
+        if _OUT.value:
+            files.write_atomic(_OUT.value, md)
+        return
+    if _CONFIG.value is None:
+        raise ConfigError("give --config=configs/score_demo.py (or --summarize=DIR,DIR,...)")
+    run(_CONFIG.value)
+
+
 if __name__ == "__main__":
     # Defined here, not at import: config files import this module's knobs, and `train` has its own --config.
     _CONFIG = config_flags.DEFINE_config_file("config", None, "A score config with score_recipe.* knobs.",
                                               lock_config=True)
-    flags.mark_flags_as_required(["config"])
-    cli.main(lambda argv: run(_CONFIG.value))
+    _SUMMARIZE = flags.DEFINE_list("summarize", [], "Finished recipe workdirs (one per seed): print one table.")
+    _OUT = flags.DEFINE_string("out", "", "With --summarize: also write the table here.")
+    cli.main(_main)

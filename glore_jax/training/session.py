@@ -180,11 +180,12 @@ class Session:
         model_checkpoints.save_model(os.path.join(workdir, MODEL_DIR), self.run.model, state.params)
         stats = dict(data_stats or {})
         if stats.get("examples"):
+            limits = stats.get("limits", {})  # a source may cut at its own knobs (rl.max_new_tokens)
             for key in ("prompt_truncated", "target_truncated"):
                 if stats.get(key, 0) / stats["examples"] > 0.01:
-                    logging.warning("%s: %d of %d training examples had their %s cut to data.max_len=%d",
-                                    workdir, stats[key], stats["examples"], key.split("_")[0],
-                                    self.run.exp.data.max_len)
+                    logging.warning("%s: %d of %d training examples had their %s cut to %s", workdir, stats[key],
+                                    stats["examples"], key.split("_")[0],
+                                    limits.get(key, f"data.max_len={self.run.exp.data.max_len}"))
         if jax.process_index() == 0:
             files.write_json(os.path.join(workdir, DONE_FILE),
                              {"step": self.t.total_steps, "objective": self.run.objective.name, "data": stats,
