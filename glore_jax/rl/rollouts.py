@@ -112,13 +112,18 @@ class Rollouts:
                 row += 1
         arr.update(rewards=rewards, correct=correct, stopped=stopped,
                    advantages=np.asarray(advantages(rewards, cfg.group_size, cfg.estimator), np.float32))
+        return self._finish(arr, params, t0)
+
+    def _finish(self, arr: dict[str, np.ndarray], params, t0: float) -> dict[str, np.ndarray]:
+        """Adds old log-probs (rl.mu > 1) and counts the sampling time, tokens and cut completions."""
+        run, cfg = self.run, self.cfg
         if cfg.mu > 1:
             batch = data.put_local(run.mesh, {k: arr[k] for k in ("tokens", "positions", "segment_ids")})
             arr["old_logprobs"] = np.asarray(_logprob_fn(run.model, run.mesh, cfg.temperature)(
                 params, batch["tokens"], batch["positions"], batch["segment_ids"]), np.float32)
         self._sample_seconds += time.perf_counter() - t0
         self._sampled_tokens += int(arr["loss_mask"].sum())
-        self.at_limit += int(b - stopped.sum())
+        self.at_limit += int(len(arr["stopped"]) - arr["stopped"].sum())
         return arr
 
     def next(self, params: Any, step: int, rng: jax.Array) -> dict[str, Any]:

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from glore_jax import data, prompts
+from glore_jax import prompts
 from glore_jax.prompts import fit_prompt
 from glore_jax.rl.config import RLConfig, ScoreConfig
-from glore_jax.rl.rollouts import Rollouts, _logprob_fn
+from glore_jax.rl.rollouts import Rollouts
 from glore_jax.rl.score import turn_advantages
 from glore_jax.sampling import Generator, SamplingStrategy, StopCondition
 from glore_jax.tasks import is_correct
@@ -130,11 +130,4 @@ class TwoTurnRollouts(Rollouts):
         a1, a2 = turn_advantages(per_row["rewards_t1"], per_row["rewards_t2"], stage=s.stage, alpha=s.alpha,
                                  group_size=cfg.group_size, estimator=cfg.estimator, turn1_return=s.turn1_return)
         arr["adv_t1"], arr["adv_t2"] = np.asarray(a1, np.float32), np.asarray(a2, np.float32)
-        if cfg.mu > 1:
-            batch = data.put_local(run.mesh, {k: arr[k] for k in ("tokens", "positions", "segment_ids")})
-            arr["old_logprobs"] = np.asarray(_logprob_fn(run.model, run.mesh, cfg.temperature)(
-                params, batch["tokens"], batch["positions"], batch["segment_ids"]), np.float32)
-        self._sample_seconds += time.perf_counter() - t0
-        self._sampled_tokens += int(arr["loss_mask"].sum())
-        self.at_limit += int(b - per_row["stopped"].sum())
-        return arr
+        return self._finish(arr, params, t0)
