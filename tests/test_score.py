@@ -21,6 +21,9 @@ def test_shaped_reward_pays_for_progress_and_charges_for_regress():
     np.testing.assert_allclose(score_shaped_reward(r1, r2, 10.0), [11.0, -10.0, 1.0, 0.0])
     np.testing.assert_allclose(score_shaped_reward(r1, r2, 0.0), r2)          # alpha 0: the plain turn-2 reward
     assert score_shaped_reward(0.2, 0.7, 2.0) == pytest.approx(0.7 + 2.0 * 0.5)
+    # outcomes as given by a grader: bools, lists, jax arrays
+    np.testing.assert_allclose(score_shaped_reward([True, False], [False, True], 10.0), [-10.0, 11.0])
+    np.testing.assert_allclose(score_shaped_reward(jnp.array([1, 0]) > 0, jnp.array([1, 1]) > 0, 10.0), [1.0, 11.0])
 
 
 def test_self_correction_metrics_hand_computed():

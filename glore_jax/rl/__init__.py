@@ -9,10 +9,10 @@ Public API (arrays are padded `[B, T]` with a float mask; groups are contiguous 
     self_correction_metrics(correct_t1, correct_t2)      acc_t1, acc_t2, delta, delta_i2c, delta_c2i
 """
 
-from glore_jax.rl.score import score_shaped_reward, self_correction_metrics, turn_advantages
 from glore_jax.rl.advantages import ESTIMATORS, advantages, kl_penalized_rewards
 from glore_jax.rl.losses import (AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS, policy_loss, policy_loss_terms,
                                  token_entropy, token_logprobs)
+from glore_jax.rl.score import score_shaped_reward, self_correction_metrics, turn_advantages
 
 __all__ = ["AGGREGATIONS", "ESTIMATORS", "KL_ESTIMATORS", "RATIO_LEVELS", "advantages", "kl_penalized_rewards",
            "policy_loss", "policy_loss_terms", "score_shaped_reward", "self_correction_metrics", "token_entropy",

@@ -29,6 +29,7 @@ for the reverse, so a no-edit policy gains nothing from it.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,8 +37,16 @@ from glore_jax.errors import ConfigError
 from glore_jax.rl.advantages import advantages
 
 
+def _reward(x):
+    # Rewards may arrive as floats, bools (correct or not), lists or arrays; jax arrays stay jax (in a loss).
+    if isinstance(x, jax.Array):
+        return x.astype(jnp.float32) if x.dtype == jnp.bool_ else x
+    return np.asarray(x, np.float64) if np.ndim(x) else float(x)
+
+
 def score_shaped_reward(r1, r2, alpha: float):
-    """r^(y2) = r2 + alpha * (r2 - r1): the turn-2 reward with SCoRe's progress bonus."""
+    """r^(y2) = r2 + alpha * (r2 - r1): the turn-2 reward with SCoRe's progress bonus (elementwise)."""
+    r1, r2 = _reward(r1), _reward(r2)
     return r2 + alpha * (r2 - r1)
 
 
