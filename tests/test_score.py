@@ -210,3 +210,25 @@ def test_score_demo_derives_each_run_from_one_config():
     from glore_jax.rl.score_recipe import run_configs
     plain = run_configs(shared)
     assert "warmup" not in plain and plain["stage1"].init_from == plain["stage1"].score.reference == shared.init_from
+
+
+def test_score_recipe_rejects_bad_knobs_before_any_work():
+    from glore_jax.rl.config import ScoreConfig
+    from glore_jax.rl.score_recipe import recipe_knobs, run_configs
+    from glore_jax.training.config import base_config
+    c = base_config()
+    c.workdir, c.init_from, c.score_recipe = "/tmp/unused", "/tmp/unused_policy", recipe_knobs()
+    assert set(run_configs(c)) == {"warmup", "stage1", "stage2", "single"}
+    for key, value, message in (("score.stage", 3, "score.stage must be 1 or 2"),
+                                ("score.turn1_return", "both", "turn1_return 'both' unknown"),
+                                ("score.beta2", -0.1, "must be >= 0"),
+                                ("score_recipe.stage2_steps", 0, "must be positive")):
+        bad = base_config()
+        bad.workdir, bad.init_from, bad.score_recipe = "/tmp/unused", "/tmp/unused_policy", recipe_knobs()
+        group, name = key.split(".")
+        bad[group][name] = value
+        with pytest.raises(ConfigError, match=message):
+            run_configs(bad)
+    with pytest.raises(ConfigError, match="score_recipe"):
+        run_configs(base_config())
+    assert ScoreConfig().turn1_return == "unshaped"

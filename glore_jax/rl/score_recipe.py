@@ -76,7 +76,14 @@ def run_configs(config: ConfigDict) -> dict[str, ConfigDict]:
         raise ConfigError("this command needs score_recipe.* knobs: start the config from configs/score_demo.py")
     if not config.init_from:
         raise ConfigError("init_from must name the base policy SCoRe starts from (a saved model or workdir)")
+    from glore_jax.rl.config import ScoreConfig
+    ScoreConfig(**config.score.to_dict()).check()  # before any sampling: a bad knob fails in one line
     r = config.score_recipe
+    for key in ("warmup_steps", "stage1_steps", "stage2_steps", "warmup_questions", "test_questions"):
+        if r[key] < 0:
+            raise ConfigError(f"score_recipe.{key} must be >= 0, got {r[key]}")
+    if r.stage1_steps == 0 or r.stage2_steps == 0:
+        raise ConfigError("score_recipe.stage1_steps and stage2_steps must be positive")
     base = os.path.join(config.workdir, "warmup") if r.warmup_steps else config.init_from
     plan = {"stage1": (1, config.score.alpha, base, r.stage1_steps),
             "stage2": (2, config.score.alpha, os.path.join(config.workdir, "stage1"), r.stage2_steps)}
