@@ -232,14 +232,18 @@ def _loop(run: Run, state: state_lib.TrainState, source: ExperienceSource, evalu
                                            shardings, t.grad_accum)
     rng = jax.random.key(run.exp.seed + 1)  # the sources' stream; step s reads fold_in(rng, s)
     start = int(jax.device_get(state.step))
+    # The current state's frozen trees, for a source that reads them: the step donates the state, so
+    # earlier arrays are gone.
+    frozen = (lambda st: {"frozen": st.frozen}) if getattr(source, "reads_frozen", False) else (lambda st: {})
     with Session(run, start) as session:
-        batch = source.next(state.params, start, jax.random.fold_in(rng, start)) if start < t.total_steps else None
+        batch = source.next(state.params, start, jax.random.fold_in(rng, start), **frozen(state)) \
+            if start < t.total_steps else None
         for step in range(start, t.total_steps):
             state, metrics = train_step(state, device_arrays(batch))
             source_state = source.state()  # the position after this step's batch
             padded = int(batch["tokens"].size) if "tokens" in batch else 0
             if step + 1 < t.total_steps:  # fetched while the step runs on device
-                batch = source.next(state.params, step + 1, jax.random.fold_in(rng, step + 1))
+                batch = source.next(state.params, step + 1, jax.random.fold_in(rng, step + 1), **frozen(state))
             session.record(step + 1, jax.device_get(metrics), padded,
                            evaluate=lambda: {k: v for e in evaluators for k, v in e(state.params, state.frozen).items()},
                            source_metrics=getattr(source, "metrics", None))

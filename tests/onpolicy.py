@@ -5,7 +5,8 @@ The policy samples G completions per question from the *current* params
 batch of rollouts serves two steps, so a checkpoint can fall between them
 and must carry the batch. A frozen reference policy (the initial params)
 gives the KL term. `--objective=score` runs SCoRe's stage II instead: two-turn
-episodes (`rl.TwoTurnRollouts`) with the same knobs.
+episodes (`rl.TwoTurnRollouts`) with the same knobs; `--objective=latro` runs
+LaTRO (`latro.*`: K = 4 rationales, the self-reward of "#### gold").
 
     python -m tests.onpolicy --workdir DIR --init_from POLICY_DIR --tokenizer TOK --steps N [--objective score]
 """
@@ -32,6 +33,8 @@ def config(workdir, tokenizer, init_from, steps, checkpoint_every=3, objective="
     # r(y2), would be 0 everywhere; stage II's turn-1 return r(y1) + r(y2) varies.
     c.score.stage = 2
     c.rl.group_size, c.rl.mu, c.rl.beta, c.rl.max_new_tokens, c.rl.max_prompt_len = 4, 2, 0.05, 40, 64
+    # LaTRO: K rationales per question, the answer scored in the toy task's own "#### N" line.
+    c.latro.k, c.latro.max_rationale_tokens, c.latro.max_prompt_len, c.latro.answer_format = 4, 40, 64, "latro_hash"
     return c
 
 
@@ -46,7 +49,7 @@ def main():
     for flag in ("--workdir", "--init_from", "--tokenizer"):
         p.add_argument(flag, required=True)
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--objective", default="grpo", choices=("grpo", "score"))
+    p.add_argument("--objective", default="grpo", choices=("grpo", "score", "latro"))
     args = p.parse_args()
     train(args.workdir, args.tokenizer, args.init_from, args.steps, objective=args.objective)
     print(json.dumps({"finished": args.steps}))

@@ -49,6 +49,20 @@ class FrozenSpec:
     checkpoint: bool = False
 
 
+def reference_derive(path: str) -> Callable[[Any], Any]:
+    """A `FrozenSpec.derive` for a KL reference: the run's initial params ('' ), or the model saved at
+    `path` (a model dir or workdir), sharded like them. SCoRe's stage II and LaTRO runs that start from
+    another run's model keep the base policy as their reference this way."""
+    if not path:
+        return _same
+
+    def load(params):
+        from glore_jax.training.checkpoints import load_init  # late: checkpoints import the trainer's pieces
+        mesh = jax.tree_util.tree_leaves(params)[0].sharding.mesh
+        return load_init(path, mesh)[1]
+    return load
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Objective:
     """One trainable objective. Register it in `glore_jax.objectives.OBJECTIVES`."""

@@ -17,22 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from glore_jax import models
-from glore_jax.objectives.base import FrozenSpec, Objective, pair
+from glore_jax.objectives.base import FrozenSpec, Objective, pair, reference_derive
 from glore_jax.rl.config import RLConfig, ScoreConfig
 from glore_jax.rl.losses import kl_terms, policy_loss_terms, token_entropy, token_logprobs
 from glore_jax.rl.score import self_correction_counts, token_weights
-
-
-def _reference(path: str):
-    """A FrozenSpec derive: the run's initial params, or the model saved at `path` (sharded like them)."""
-    if not path:
-        return lambda params: params
-
-    def load(params):
-        from glore_jax.training.checkpoints import load_init  # late: checkpoints import the trainer's pieces
-        mesh = jax.tree_util.tree_leaves(params)[0].sharding.mesh
-        return load_init(path, mesh)[1]
-    return load
 
 
 def build(cfg: RLConfig, score: ScoreConfig, batch_size: int) -> Objective:
@@ -82,7 +70,7 @@ def build(cfg: RLConfig, score: ScoreConfig, batch_size: int) -> Objective:
         return SelfCorrectionEval(run, [run.eval_records[i] for i in range(n)], cfg)
 
     return Objective(name="score", loss_fn=loss_fn, heads=("lm",), default_format="policy",
-                     frozen=(FrozenSpec(name="reference", derive=_reference(score.reference)),),
+                     frozen=(FrozenSpec(name="reference", derive=reference_derive(score.reference)),),
                      experience=experience, evaluate=evaluate)
 
 

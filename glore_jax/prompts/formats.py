@@ -17,6 +17,9 @@ the prompt, right the target):
     orm, sorm      <bos> question <SOL> | solution <eos>      (value head read at step ends)
     global_refiner <bos> question <DRAFT> draft <FIX> | solution <eos>
     local_refiner  <bos> question <DRAFT> draft[:i] <BAD> draft[i:] <FIX> draft[:i] | continuation <eos>
+    latro          <bos> question <SOL> | The answer is {gold}. <eos>   (LaTRO's y; the example is
+    latro_hash     <bos> question <SOL> | #### {gold} <eos>             answer-only SFT; LaTRO puts a
+                                                                        sampled rationale before the target)
 
 In the local format, `continuation` is the corrected solution from the first
 wrong step `i` onward; `layout.splice_local` turns a sampled continuation back
@@ -280,3 +283,41 @@ register(PromptFormat(
     prompt=lambda tok, r: (self_correct_prompt(tok, policy_prompt(tok, r["question"]), tok.encode(r["draft"]))
                            if "draft" in r else policy_prompt(tok, r["question"])),
     example=_self_correct_example))
+
+
+# ---- LaTRO: question -> (a sampled rationale) -> the gold answer string --------------------------
+
+# The answer string y whose log-likelihood after a sampled rationale is LaTRO's self-reward. `latro`
+# is the official one; `latro_hash` is the answer line GSM8K and the synthetic task end their solutions
+# with, so a policy trained on them scores the gold answer in the words it was trained to write.
+LATRO_ANSWERS = {"latro": "The answer is {gold}.", "latro_hash": "#### {gold}"}
+# Where a sampled rationale ends (the marker and what follows are dropped, then y is appended): the
+# answer markers of both strings, as the official code stops at "The answer is" and its variants.
+LATRO_STOPS = ("####", "The answer is", "the answer is", "Answer:")
+
+
+def latro_answer(tok: Tokenizer, name: str, gold: str, *, line_start: bool = False) -> list[int]:
+    """The ids of format `name`'s answer string for `gold`, EOS included (LaTRO's y).
+
+    `line_start`: as the tokenizer writes it at the start of a line (after a rationale's last line break)
+    rather than as a new word: sentencepiece prefixes a word with a space piece, and a policy scores a
+    "####" that follows a line break in the pieces it was trained on, or it would pay ~20 nats for the
+    spelling alone.
+    """
+    text = LATRO_ANSWERS[name].format(gold=gold)
+    if line_start:
+        head = tok.encode("\n")
+        ids = tok.encode("\n" + text)
+        if ids[:len(head)] == head:
+            return ids[len(head):] + [tok.eos_id]
+    return tok.encode(text) + [tok.eos_id]
+
+
+for _name in LATRO_ANSWERS:
+    register(PromptFormat(
+        name=_name, fields=("question", "gold"), head="lm",
+        loss=f"the answer string {LATRO_ANSWERS[_name]!r} and EOS (answer-only SFT; LaTRO's y)",
+        prompt=lambda tok, r: policy_prompt(tok, r["question"]),
+        example=lambda tok, r, _n=_name: make_example(policy_prompt(tok, r["question"]),
+                                                      latro_answer(tok, _n, r["gold"])),
+        stop=LATRO_STOPS, task_records=True))

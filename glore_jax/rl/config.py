@@ -72,3 +72,47 @@ class ScoreConfig:
             raise ConfigError(f"score.turn1_return {self.turn1_return!r} unknown; valid: {list(TURN1_RETURNS)}")
         if self.alpha < 0 or self.beta1 < 0 or self.beta2 < 0:
             raise ConfigError("score.alpha, score.beta1 and score.beta2 must be >= 0")
+
+
+LATRO_SPANS = ("clean", "official")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LatroConfig:
+    """The `latro.*` knobs of the LaTRO objective (Chen et al. 2024); see `glore_jax.rl.latro`.
+
+    Defaults are the official code's (SalesforceAIResearch/LaTRO, `TrainerConfig`), except
+    `answer_span` (see `rl.latro.sequence`). `train.batch_size` counts rationales: each step
+    samples `batch_size / k` questions, `k` rationales each.
+    """
+
+    k: int = 16                      # rationales per question (RLOO group)
+    beta: float = 0.05               # KL-to-reference weight, inside the reward (on the rationale)
+    sft_penalty: float = 0.0         # weight of -mean(r): the answer's log-likelihood trained directly
+    max_rationale_tokens: int = 200  # sampling limit; a rationale that reaches it gets the non-stop penalty
+    temperature: float = 1.0         # sampling temperature (rationale log-probs use the same scaled logits)
+    max_prompt_len: int = 128
+    answer_format: str = "latro"     # prompt format of the answer y: latro "The answer is {gold}." | latro_hash "#### {gold}"
+    answer_span: str = "clean"       # clean: the answer's tokens; official: also the rationale's last token
+    non_stop_penalty: bool = True    # a rationale that never stopped gets r = penalty_multiplier * batch mean of r
+    penalty_multiplier: float = 2.0
+    reference: str = ""              # KL reference: a saved model or workdir ('' = the run's initial params)
+
+    def check(self, batch_size: int) -> None:
+        from glore_jax.rl.latro import ANSWER_FORMATS  # late: rl.latro imports the prompt registry
+        if self.k < 2 or batch_size % self.k:
+            raise ConfigError(f"latro.k must be >= 2 (RLOO leaves one out) and divide train.batch_size "
+                              f"{batch_size}, got {self.k}")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ConfigError(f"latro.answer_format {self.answer_format!r} unknown; valid: {list(ANSWER_FORMATS)}")
+        if self.answer_span not in LATRO_SPANS:
+            raise ConfigError(f"latro.answer_span {self.answer_span!r} unknown; valid: {list(LATRO_SPANS)}")
+        if self.max_rationale_tokens < 1 or self.max_prompt_len < 1:
+            raise ConfigError("latro.max_rationale_tokens and latro.max_prompt_len must be >= 1")
+        if self.beta < 0 or self.sft_penalty < 0 or self.temperature <= 0:
+            raise ConfigError("latro.beta and latro.sft_penalty must be >= 0 and latro.temperature > 0")
+
+    def sampling(self) -> RLConfig:
+        """The rollout knobs in `rl.*` terms, for the shared sampling machinery (`rl.Rollouts`)."""
+        return RLConfig(group_size=self.k, estimator="rloo", beta=self.beta, temperature=self.temperature,
+                        max_new_tokens=self.max_rationale_tokens, max_prompt_len=self.max_prompt_len)

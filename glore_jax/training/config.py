@@ -22,7 +22,7 @@ from ml_collections import ConfigDict, config_dict
 
 from glore_jax.errors import ConfigError
 from glore_jax.models import PRESETS, ModelConfig, preset
-from glore_jax.rl.config import RLConfig, ScoreConfig
+from glore_jax.rl.config import LatroConfig, RLConfig, ScoreConfig
 from glore_jax.sharding import MeshConfig
 from glore_jax.tasks import TASKS, SyntheticConfig
 
@@ -90,6 +90,7 @@ def base_config() -> ConfigDict:
 
     c.rl = ConfigDict(dataclasses.asdict(RLConfig()))  # on-policy RL (`grpo`); see glore_jax.rl.config
     c.score = ConfigDict(dataclasses.asdict(ScoreConfig()))  # SCoRe's stage, bonus and KL weights (`score`)
+    c.latro = ConfigDict(dataclasses.asdict(LatroConfig()))  # LaTRO's K, KL weight, answer format (`latro`)
     return c
 
 
@@ -211,6 +212,7 @@ class Experiment:
     train: TrainConfig
     rl: RLConfig = RLConfig()
     score: ScoreConfig = ScoreConfig()
+    latro: LatroConfig = LatroConfig()
     source_json: str = "{}"                 # the ConfigDict as given, saved as the workdir's config.json
 
     def replace(self, **changes) -> "Experiment":
@@ -234,6 +236,7 @@ def experiment(config: ConfigDict) -> Experiment:
                       data=data, mesh=mesh_config(config), train=TrainConfig(**config.train.to_dict()),
                       rl=RLConfig(**config.rl.to_dict()) if "rl" in config else RLConfig(),
                       score=ScoreConfig(**config.score.to_dict()) if "score" in config else ScoreConfig(),
+                      latro=LatroConfig(**config.latro.to_dict()) if "latro" in config else LatroConfig(),
                       source_json=config.to_json_best_effort(indent=2))
 
 

@@ -9,6 +9,11 @@ params, so an on-policy source can sample from the policy being trained
         def state(self) -> dict: ...            # JSON-able; saved in every checkpoint
         def restore(self, state: dict) -> None: ...
 
+A source that reads the objective's frozen trees (LaTRO: the reference
+policy's log-probs are part of its reward) sets `reads_frozen = True`; the
+loop then calls `next(params, step, rng, frozen=...)` with the current
+state's trees.
+
 A batch is a dict. Its `jax.Array` values (any rank, axis 0 the global
 batch) go to the jitted step; everything else (lists of ids, gold answers,
 reward breakdowns: this process's rows) stays on the host for the source's
