@@ -49,3 +49,31 @@ def main(run: Callable[[list[str]], object]) -> None:
     def wrapped(argv: list[str]) -> None:
         errors.run_cli(lambda: run(argv), verbose=_VERBOSE.value)
     app.run(wrapped, flags_parser=parse_flags)
+
+
+def recipe_main(run: Callable[[object], object], summarize: Callable[[list[str]], str], example: str) -> None:
+    """A recipe command (`rl.score_recipe`, `rl.latro_recipe`): `--config=...` runs the recipe;
+    `--summarize=DIR,...` prints one table over finished workdirs (one per seed), `--out` also writes it.
+
+    The flags are defined here, when the command runs, not at import: config files import the recipes'
+    knobs, and `glore_jax.train` defines its own `--config`.
+    """
+    from ml_collections import config_flags
+
+    from glore_jax import files
+    config = config_flags.DEFINE_config_file("config", None, "A recipe config.", lock_config=True)
+    workdirs = flags.DEFINE_list("summarize", [], "Finished recipe workdirs (one per seed): print one table.")
+    out = flags.DEFINE_string("out", "", "With --summarize: also write the table here.")
+
+    def _main(argv) -> None:
+        del argv
+        if workdirs.value:
+            md = summarize(workdirs.value)
+            print(md)
+            if out.value:
+                files.write_atomic(out.value, md)
+            return
+        if config.value is None:
+            raise errors.ConfigError(f"give --config={example} (or --summarize=DIR,DIR,...)")
+        run(config.value)
+    main(_main)

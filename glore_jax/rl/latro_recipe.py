@@ -9,8 +9,9 @@ The config is an ordinary `latro` training config plus `latro_recipe.*`.
 
     latro       the `latro` objective from `init_from`, train.total_steps steps
     sft_answer  SFT from `init_from` on answer-only targets (the answer format's example: question ->
-                "#### {gold}" or "The answer is {gold}."), the same steps and batch size: the paper's
-                baseline, which sees the same signal (gold answers, no rationales)
+                "#### {gold}" or "The answer is {gold}."), the same steps and batch size (as many
+                updates and examples as LaTRO has rationales): the paper's baseline, which sees the same
+                signal (gold answers, no rationales)
 
 Then each model (the starting policy, sft_answer, latro) answers every test
 question greedily and by self-consistency (the majority answer of
@@ -28,8 +29,7 @@ import json
 import os
 import time
 
-from absl import flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
 from glore_jax import cli, files
 from glore_jax.errors import ConfigError
@@ -64,8 +64,10 @@ def run_configs(config: ConfigDict) -> dict[str, ConfigDict]:
         c.unlock()
         c.workdir = os.path.join(config.workdir, name)
         if name == "sft_answer":
-            c.objective, c.data.prompt_format, c.train.learning_rate = "sft", config.latro.answer_format, \
-                r.sft_learning_rate
+            # Rows as wide as LaTRO's prompts plus an answer: answer-only examples are short.
+            c.objective, c.data.prompt_format = "sft", config.latro.answer_format
+            c.data.max_len = config.latro.max_prompt_len + 16
+            c.train.learning_rate = r.sft_learning_rate
         else:
             c.objective = "latro"
         c.lock()
@@ -142,7 +144,7 @@ def report(config: ConfigDict, timings: dict[str, float]) -> dict:
     tok = inputs.load_tokenizer(exp.data)
     test = list(inputs.task_split(exp.data, "test"))
     test = test[:r.test_questions or len(test)]
-    paths = {"init": config.init_from, **{k: os.path.join(config.workdir, k) for k in RUNS}}
+    paths = {k: config.init_from if k == "init" else os.path.join(config.workdir, k) for k in ROWS}
     outcomes = {name: evaluate(*load_init(path, mesh), tok, test, mesh, max_new=exp.latro.max_rationale_tokens + 16,
                                max_prompt_len=exp.latro.max_prompt_len, sc_samples=r.sc_samples,
                                sc_temperature=r.sc_temperature, seed=config.seed)
@@ -219,22 +221,5 @@ def run(config: ConfigDict) -> dict:
     return result
 
 
-def _main(argv) -> None:
-    if _SUMMARIZE.value:
-        md = summarize(_SUMMARIZE.value)
-        print(md)
-        if _OUT.value:
-            files.write_atomic(_OUT.value, md)
-        return
-    if _CONFIG.value is None:
-        raise ConfigError("give --config=configs/latro_demo.py (or --summarize=DIR,DIR,...)")
-    run(_CONFIG.value)
-
-
 if __name__ == "__main__":
-    # Defined here, not at import: config files import this module's knobs, and `train` has its own --config.
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "A latro config with latro_recipe.* knobs.",
-                                              lock_config=True)
-    _SUMMARIZE = flags.DEFINE_list("summarize", [], "Finished recipe workdirs (one per seed): print one table.")
-    _OUT = flags.DEFINE_string("out", "", "With --summarize: also write the table here.")
-    cli.main(_main)
+    cli.recipe_main(run, summarize, "configs/latro_demo.py")

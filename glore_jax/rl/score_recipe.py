@@ -45,8 +45,7 @@ import json
 import os
 import time
 
-from absl import flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
 from glore_jax import cli, files
 from glore_jax.errors import ConfigError
@@ -256,22 +255,5 @@ def run(config: ConfigDict) -> dict:
     return result
 
 
-def _main(argv) -> None:
-    if _SUMMARIZE.value:
-        md = summarize(_SUMMARIZE.value)
-        print(md)
-        if _OUT.value:
-            files.write_atomic(_OUT.value, md)
-        return
-    if _CONFIG.value is None:
-        raise ConfigError("give --config=configs/score_demo.py (or --summarize=DIR,DIR,...)")
-    run(_CONFIG.value)
-
-
 if __name__ == "__main__":
-    # Defined here, not at import: config files import this module's knobs, and `train` has its own --config.
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "A score config with score_recipe.* knobs.",
-                                              lock_config=True)
-    _SUMMARIZE = flags.DEFINE_list("summarize", [], "Finished recipe workdirs (one per seed): print one table.")
-    _OUT = flags.DEFINE_string("out", "", "With --summarize: also write the table here.")
-    cli.main(_main)
+    cli.recipe_main(run, summarize, "configs/score_demo.py")
