@@ -122,8 +122,16 @@ def curve(workdir: str, out_path: str) -> None:
     rows = [r for r in rows if "elbo" in r]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["reward"] for r in rows], label="self-reward log p(y | x, z), batch mean")
-    ax.plot(steps, [r["elbo"] for r in rows], label="ELBO: self-reward - beta KL, batch mean")
+    import numpy as np
+    for key, color, label in (("reward", "tab:blue", "self-reward log p(y | x, z)"),
+                              ("elbo", "tab:orange", "ELBO: self-reward - beta KL")):
+        y = np.asarray([r[key] for r in rows])
+        ax.plot(steps, y, color=color, alpha=0.3, label=f"{label}, batch mean")
+        # Each step's questions differ, and their difficulty dominates a batch's mean: smooth it.
+        window = min(8, len(y))
+        if window:
+            ax.plot(steps[window - 1:], np.convolve(y, np.ones(window) / window, mode="valid"), color=color,
+                    label=f"{label}, running mean of {window} logged steps")
     ax.set_xlabel("step")
     ax.set_ylabel("nats")
     ax.set_title("LaTRO from the demo policy")
@@ -138,6 +146,7 @@ def report(config: ConfigDict, timings: dict[str, float]) -> dict:
     from glore_jax.recipe import stats
     from glore_jax.training import config as train_config, inputs
     from glore_jax.training.checkpoints import load_init
+    t0 = time.perf_counter()
     exp = train_config.experiment(config)
     r = config.latro_recipe
     mesh = sharding.make_mesh(exp.mesh)
@@ -161,6 +170,7 @@ def report(config: ConfigDict, timings: dict[str, float]) -> dict:
               "elbo_first_last_10": [sum(elbo[:10]) / max(len(elbo[:10]), 1), sum(elbo[-10:]) / max(len(elbo[-10:]), 1)],
               "train_minutes": {k: v / 60 for k, v in timings.items()},
               "peak_rss_gb": {k: trainer.done_info(os.path.join(config.workdir, k)).get("peak_rss_gb") for k in RUNS},
+              "report_minutes": (time.perf_counter() - t0) / 60,
               "outcomes": outcomes}  # per question, for tests pooled over seeds (`summarize`)
     files.write_json(os.path.join(config.workdir, "report.json"), result, indent=2)
     files.write_atomic(os.path.join(config.workdir, "report.md"), markdown(result))
@@ -180,7 +190,8 @@ def markdown(result: dict) -> str:
     lines += ["", "Exact McNemar, same questions: " + "; ".join(
         f"{k.replace('_', ' ')} p = {v:.3g}" for k, v in result["paired_p"].items()), "",
               f"ELBO (mean of the first / last 10 logged steps): {first:.2f} -> {last:.2f} nats", "",
-              "Training minutes: " + ", ".join(f"{k} {v:.1f}" for k, v in result["train_minutes"].items())]
+              "Minutes: " + ", ".join(f"{k} {v:.1f}" for k, v in result["train_minutes"].items())
+              + (f", report {result['report_minutes']:.1f}" if "report_minutes" in result else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -213,11 +224,8 @@ def run(config: ConfigDict) -> dict:
         trainer.train(c)
         timings[name] = trainer.done_info(c.workdir).get("wall_seconds") or time.perf_counter() - t0
         print(f"{name}: done in {timings[name] / 60:.1f} min", flush=True)
-    t0 = time.perf_counter()
     result = report(config, timings)
-    result["report_minutes"] = (time.perf_counter() - t0) / 60
     print(markdown(result))
-    print(f"report: {result['report_minutes']:.1f} min", flush=True)
     return result
 
 
