@@ -209,6 +209,14 @@ def summarize(workdirs: list[str]) -> str:
             mean, lo, hi = stats.mean_ci([100 * r["rows"][name][mode] for r in reports])
             cells.append(f"{mean:.1f} ({lo:.1f} to {hi:.1f})" if len(reports) > 1 else f"{mean:.1f}")
         lines.append(f"| {ROWS[name]} | " + " | ".join(cells) + " |")
+    for base in ("init", "sft_answer"):   # the paired quantity: each seed's difference on its own policy
+        cells = []
+        for mode in ("greedy", "sc"):
+            diffs = [100 * (r["rows"]["latro"][mode] - r["rows"][base][mode]) for r in reports]
+            mean, lo, hi = stats.mean_ci(diffs)
+            per_seed = " / ".join(f"{d:+.1f}" for d in diffs)
+            cells.append(f"{mean:+.1f} ({lo:+.1f} to {hi:+.1f}; {per_seed})" if len(reports) > 1 else f"{mean:+.1f}")
+        lines.append(f"| LaTRO - {ROWS[base]} (per seed) | " + " | ".join(cells) + " |")
     pooled = {k: {m: [x for r in reports for x in r["outcomes"][k][m]] for m in ("greedy", "sc")} for k in ROWS}
     lines += ["", "Exact McNemar pooled over every (seed, question): " + "; ".join(
         f"latro vs {base} {m} p = {stats.mcnemar_exact(pooled[base][m], pooled['latro'][m]):.3g}"
