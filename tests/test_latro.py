@@ -2,8 +2,6 @@
 
 import json
 import os
-import signal
-import time
 import types
 
 import jax
@@ -18,9 +16,8 @@ from glore_jax.rl.latro import sequence, sequence_logprobs, truncate_rationale
 from glore_jax.sharding import make_mesh
 from glore_jax.tasks import generate_split
 from glore_jax.tokenizer import Tokenizer
-from glore_jax.training.checkpoints import Checkpoints
 from tests import onpolicy
-from tests.test_onpolicy import _job, _metrics, _metrics_or_empty
+from tests.test_onpolicy import _job, _metrics, kill_after_a_checkpoint
 
 
 def test_non_stop_penalty_uses_the_mean_over_the_whole_batch():
@@ -190,14 +187,8 @@ def test_latro_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tm
                 "reward_std", "sample_tokens_per_sec", "peak_rss_gb"):
         assert key in straight[-1], key
     killed = tmp_path / "killed"
-    proc = _job(killed, tok, policy, steps, "latro")
-    deadline = time.time() + 600
-    while Checkpoints(str(killed), max_to_keep=2).latest_step() is None or len(_metrics_or_empty(killed)) < 5:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert 2 <= Checkpoints(str(killed), max_to_keep=2).latest_step() < steps
+    assert 2 <= kill_after_a_checkpoint(_job(killed, tok, policy, steps, "latro"), killed) < steps
+    assert len(_metrics(killed)) < steps
     out, _ = _job(killed, tok, policy, steps, "latro").communicate(timeout=600)
     assert '"finished": 8' in out, out[-3000:]
     resumed = _metrics(killed)

@@ -64,14 +64,7 @@ def test_rl_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tmp_p
         assert key in straight[-1], key
 
     killed = tmp_path / "killed"
-    proc = _job(killed, tok, policy, steps, objective)
-    deadline = time.time() + 600
-    while Checkpoints(str(killed), max_to_keep=2).latest_step() is None or len(_metrics_or_empty(killed)) < 5:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed_at = Checkpoints(str(killed), max_to_keep=2).latest_step()
+    killed_at = kill_after_a_checkpoint(_job(killed, tok, policy, steps, objective), killed)
     assert len(_metrics_or_empty(killed)) < steps and 2 <= killed_at < steps
     out, _ = _job(killed, tok, policy, steps, objective).communicate(timeout=600)
     assert '"finished": 8' in out, out[-3000:]
@@ -79,6 +72,17 @@ def test_rl_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tmp_p
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     for a, b in zip(straight, resumed):
         assert (a["loss"], a["reward"], a["kl"], a.get("acc_t1")) == (b["loss"], b["reward"], b["kl"], b.get("acc_t1")), (a, b)
+
+
+def kill_after_a_checkpoint(proc, workdir, rows: int = 5) -> int:
+    """kill -9 the job once it has a checkpoint and `rows` metric rows; returns the latest checkpoint step."""
+    deadline = time.time() + 600
+    while Checkpoints(str(workdir), max_to_keep=2).latest_step() is None or len(_metrics_or_empty(workdir)) < rows:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return Checkpoints(str(workdir), max_to_keep=2).latest_step()
 
 
 def _metrics_or_empty(workdir):

@@ -50,11 +50,8 @@ def build(cfg: RLConfig, batch_size: int) -> Objective:
         return Rollouts(run, cfg, run.records, seed=run.exp.seed)
 
     def evaluate(run):
-        if run.eval_records is None:
-            return None
-        from glore_jax.training.evals import GenerationEval
-        n = min(len(run.eval_records), run.exp.train.eval_batches * run.exp.train.batch_size)
-        return GenerationEval(run, [run.eval_records[i] for i in range(n)], max_new=cfg.max_new_tokens)
+        from glore_jax.training.evals import held_out_accuracy  # late: evals import the objectives
+        return held_out_accuracy(run, cfg.max_new_tokens)
 
     return Objective(name="grpo", loss_fn=loss_fn, heads=("lm",), default_format="policy",
                      frozen=(FrozenSpec(name="reference"),) if cfg.beta > 0 else (), experience=experience,

@@ -47,12 +47,8 @@ def build(latro: LatroConfig, batch_size: int) -> Objective:
         return LatroRollouts(run, latro, run.records, seed=run.exp.seed)
 
     def evaluate(run):
-        if run.eval_records is None:
-            return None
-        from glore_jax.training.evals import GenerationEval
-        n = min(len(run.eval_records), run.exp.train.eval_batches * run.exp.train.batch_size)
-        return GenerationEval(run, [run.eval_records[i] for i in range(n)],
-                              max_new=latro.max_rationale_tokens + 16)
+        from glore_jax.training.evals import held_out_accuracy  # late: evals import the objectives
+        return held_out_accuracy(run, latro.max_rationale_tokens + 16)
 
     return Objective(name="latro", loss_fn=loss_fn, heads=("lm",), default_format=latro.answer_format,
                      frozen=(FrozenSpec(name="reference", derive=reference_derive(latro.reference)),)

@@ -63,3 +63,12 @@ class GenerationEval:
                         rows=self.rows, max_prompt_len=self.run.exp.data.max_len, tokenizer=self.run.tokenizer)
         texts = [row[0] for row in gen.complete(self.prompts)]
         return {self.name: float(np.mean([is_correct(t, r["gold"]) for t, r in zip(texts, self.records)]))}
+
+
+def held_out_accuracy(run, max_new: int) -> GenerationEval | None:
+    """The RL objectives' evaluator: greedy accuracy on the first `eval_batches x batch_size` held-out
+    records (None without held-out records)."""
+    if run.eval_records is None:
+        return None
+    n = min(len(run.eval_records), run.exp.train.eval_batches * run.exp.train.batch_size)
+    return GenerationEval(run, [run.eval_records[i] for i in range(n)], max_new=max_new)
