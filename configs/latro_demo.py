@@ -9,7 +9,7 @@ keeps the batch at the GRPO demo's 128 sequences) and takes one RLOO step.
 Two settings differ from the official code, for this policy:
 - the answer string is the task's own final line, `latro_hash` ("#### {gold}"),
   not "The answer is {gold}.": the demo policy never wrote the official
-  string, and it pays 120-150 nats for its eight template tokens whatever
+  string, and it pays 120-150 nats for the template's tokens whatever
   the rationale, against about 0 for "#### " after a rationale line, so the
   reward's spread is the gold number's likelihood (0 when the rationale
   reaches it, ~10 nats per wrong digit) instead of template noise;
