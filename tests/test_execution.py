@@ -30,6 +30,8 @@ HOSTILE = [
     ("def solve(a, b):\n    with a:\n        return 1", "refused:forbidden_syntax"),
     ("def solve(a, b):\n    while True:\n        pass", "timeout"),
     ("def solve(a, b):\n    x = [0] * (10 ** 10)\n    return 1", "memory"),
+    # 800 MB: the machine could give it, the 256 MB address-space limit must not.
+    ("def solve(a, b):\n    x = [0] * (10 ** 8)\n    return len(x)", "memory"),
     ("def solve(a, b):\n    return solve(a + 1, b)", "error:RecursionError"),
     ("def solve(a, b):\n    return 10 ** (10 ** 9)", "timeout"),
     ("def solve(a, b):\n    return list(range(10 ** 6))", "output_too_large"),
