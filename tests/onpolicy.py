@@ -6,7 +6,8 @@ batch of rollouts serves two steps, so a checkpoint can fall between them
 and must carry the batch. A frozen reference policy (the initial params)
 gives the KL term. `--objective=score` runs SCoRe's stage II instead: two-turn
 episodes (`rl.TwoTurnRollouts`) with the same knobs; `--objective=latro` runs
-LaTRO (`latro.*`: K = 4 rationales, the self-reward of "#### gold").
+LaTRO (`latro.*`: K = 4 rationales, the self-reward of "#### gold"); `--objective=refinerl` runs
+skeptical two-turn verify-and-refine episodes with the arithmetic task's tool (`agent.*`).
 
     python -m tests.onpolicy --workdir DIR --init_from POLICY_DIR --tokenizer TOK --steps N [--objective score]
 """
@@ -35,6 +36,8 @@ def config(workdir, tokenizer, init_from, steps, checkpoint_every=3, objective="
     c.rl.group_size, c.rl.mu, c.rl.beta, c.rl.max_new_tokens, c.rl.max_prompt_len = 4, 2, 0.05, 40, 64
     # LaTRO: K rationales per question, the answer scored in the toy task's own "#### N" line.
     c.latro.k, c.latro.max_rationale_tokens, c.latro.max_prompt_len, c.latro.answer_format = 4, 40, 64, "latro_hash"
+    # RefineRL: two turns, the calculations re-computed between them (the toy task's tool).
+    c.agent.turns, c.agent.max_obs_tokens = 2, 24
     return c
 
 
@@ -49,7 +52,7 @@ def main():
     for flag in ("--workdir", "--init_from", "--tokenizer"):
         p.add_argument(flag, required=True)
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--objective", default="grpo", choices=("grpo", "score", "latro"))
+    p.add_argument("--objective", default="grpo", choices=("grpo", "score", "latro", "refinerl"))
     args = p.parse_args()
     train(args.workdir, args.tokenizer, args.init_from, args.steps, objective=args.objective)
     print(json.dumps({"finished": args.steps}))

@@ -13,6 +13,8 @@ Splits:
                Hash order (not an RNG) keeps the split stable if rows move.
     synthetic  train/test sizes from `SyntheticConfig`; test problems never
                appear in train (see `glore_jax.tasks.synthetic`).
+    programs   train/test sizes from `ProgramConfig`; no test function appears
+               in train (see `glore_jax.tasks.programs`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from glore_jax.errors import MissingPathError
 from glore_jax.data.records import RECORD_FIELDS, ReadStats, read_gsm8k_jsonl, read_svamp_json
+from glore_jax.tasks import programs
 from glore_jax.tasks.synthetic import SyntheticConfig, generate_split
 
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
@@ -117,10 +120,26 @@ class SyntheticBuilderConfig(tfds.core.BuilderConfig):
 def synthetic_config(task: SyntheticConfig = SyntheticConfig()) -> SyntheticBuilderConfig:
     """Builder config for `task`. Non-default knobs get a name hashed from them, so each
     variant is prepared into its own directory and never read back as another."""
-    if task == SyntheticConfig():
-        return SyntheticBuilderConfig(name="default", task=task)
+    return _named(SyntheticBuilderConfig, task, SyntheticConfig())
+
+
+def _named(cls, task, default):
+    if task == default:
+        return cls(name="default", task=task)
     digest = hashlib.sha256(repr(dataclasses.asdict(task)).encode()).hexdigest()[:12]
-    return SyntheticBuilderConfig(name=f"c{digest}", description=repr(task), task=task)
+    return cls(name=f"c{digest}", description=repr(task), task=task)
+
+
+@dataclasses.dataclass
+class ProgramsBuilderConfig(tfds.core.BuilderConfig):
+    """A TFDS config wrapping the program generator's knobs; `programs_config()` names it."""
+
+    task: programs.ProgramConfig = dataclasses.field(default_factory=programs.ProgramConfig)
+
+
+def programs_config(task: programs.ProgramConfig = programs.ProgramConfig()) -> ProgramsBuilderConfig:
+    """Builder config for `task`, named like `synthetic_config`'s."""
+    return _named(ProgramsBuilderConfig, task, programs.ProgramConfig())
 
 
 class GloreSynthetic(_RecordBuilder):
@@ -139,5 +158,21 @@ class GloreSynthetic(_RecordBuilder):
             yield record["id"], record
 
 
+class GlorePrograms(_RecordBuilder):
+    """Procedurally generated small-function synthesis problems with public and hidden tests (no download)."""
+
+    BUILDER_CONFIGS = [programs_config()]
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {s: self._generate_examples(s) for s in ("train", "test")}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
+        stats = self._stats(split)
+        for record in programs.generate_split(self.builder_config.task, split):
+            stats.read += 1
+            yield record["id"], record
+
+
 BUILDERS: dict[str, type[_RecordBuilder]] = {
-    "gsm8k": GloreGsm8k, "svamp": GloreSvamp, "synthetic": GloreSynthetic}
+    "gsm8k": GloreGsm8k, "svamp": GloreSvamp, "synthetic": GloreSynthetic, "programs": GlorePrograms}

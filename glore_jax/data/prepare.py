@@ -3,6 +3,7 @@
     python -m glore_jax.data.prepare --task gsm8k --manual_dir ../shared/data/gsm8k --data_dir DIR
     python -m glore_jax.data.prepare --task svamp --manual_dir ../shared/data/svamp --data_dir DIR
     python -m glore_jax.data.prepare --task synthetic --data_dir DIR [--synthetic_train_size N ...]
+    python -m glore_jax.data.prepare --task programs --data_dir DIR          (the default ProgramConfig)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from absl import app, flags
 from glore_jax.data.sources import make_builder
 from glore_jax.tasks.synthetic import SyntheticConfig
 
-_TASK = flags.DEFINE_enum("task", None, ["gsm8k", "svamp", "synthetic"], "Task to prepare.")
+_TASK = flags.DEFINE_enum("task", None, ["gsm8k", "svamp", "synthetic", "programs"], "Task to prepare.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory to write into.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Local directory with the source files "
                                   "(gsm8k: train/test.jsonl, svamp: SVAMP.json); default: download.")

@@ -94,6 +94,7 @@ class Limits:
 class Report:
     verdicts: tuple[str, ...]   # one per test: pass | wrong_answer | timeout | memory | error:<Type> | refused:... | killed
     seconds: float
+    outputs: tuple[Any, ...] = ()   # per test, the returned value (JSON-decoded) where there was one, else None
 
     @property
     def passed(self) -> int:
@@ -137,15 +138,18 @@ def run_tests(source: str, entry: str, tests: Sequence[tuple[Sequence[Any], Any]
             break
     if lines and "load" in lines[0]:
         return Report(tuple(lines[0]["load"] for _ in range(n)), time.perf_counter() - t0)
-    verdicts = []
+    verdicts, outputs = [], []
     for i, (_, expected) in enumerate(tests):
+        got = None
         if i >= len(lines):   # no answer: killed at the wall or CPU limit, or the process died
             verdicts.append("timeout" if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU) else "killed")
         elif "error" in lines[i]:
             verdicts.append(lines[i]["error"])
         else:
-            verdicts.append("pass" if _same(json.loads(lines[i]["value"]), expected) else "wrong_answer")
-    return Report(tuple(verdicts), time.perf_counter() - t0)
+            got = json.loads(lines[i]["value"])
+            verdicts.append("pass" if _same(got, expected) else "wrong_answer")
+        outputs.append(got)
+    return Report(tuple(verdicts), time.perf_counter() - t0, tuple(outputs))
 
 
 def run_many(jobs: Sequence[tuple[str, str, Sequence[tuple[Sequence[Any], Any]]]], limits: Limits = Limits(),

@@ -13,6 +13,7 @@ cannot see: an infinite loop or a huge list is legal Python.
 from __future__ import annotations
 
 import ast
+import threading
 
 # Names a program may read besides its own: plain, side-effect-free builtins.
 BUILTINS = ("abs", "all", "any", "bool", "dict", "divmod", "enumerate", "filter", "float", "int", "isinstance",
@@ -36,6 +37,10 @@ METHODS = ("append", "extend", "insert", "pop", "remove", "index", "count", "sor
            "difference", "split", "join", "strip", "lstrip", "rstrip", "startswith", "endswith", "lower", "upper",
            "replace", "find", "isdigit", "isalpha")
 MAX_SOURCE_CHARS = 20_000
+# CPython 3.11's parser is not safe to call from several threads at once (`run_many` checks programs in a
+# thread pool): concurrent calls raised "SystemError: AST constructor recursion depth mismatch" on valid
+# programs. One parse at a time; a parse takes well under a millisecond.
+_PARSE_LOCK = threading.Lock()
 
 
 def refusal(source: str, entry: str) -> str | None:
@@ -45,8 +50,9 @@ def refusal(source: str, entry: str) -> str | None:
     if len(source) > MAX_SOURCE_CHARS:
         return f"too_long: {len(source)} characters (limit {MAX_SOURCE_CHARS})"
     try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError) as e:  # ValueError: null bytes in the source
+        with _PARSE_LOCK:
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, SystemError) as e:  # ValueError: null bytes
         return f"syntax: {type(e).__name__}: {e}"[:200]
     defined = set()
     for node in ast.walk(tree):

@@ -1,12 +1,12 @@
 """Training objectives, chosen by name. Adding one: a module defining an `Objective`, plus one line here.
 
 Objectives whose loss depends on config knobs (`grpo` reads `rl.*`, `score` also `score.*`,
-`latro` reads `latro.*`) are
+`latro` reads `latro.*`, `refinerl` `rl.*` and `agent.*`) are
 registered as builders `experiment -> Objective` and built by `get(name, exp)`.
 """
 
 from glore_jax.errors import ConfigError
-from glore_jax.objectives import grpo, latro, score
+from glore_jax.objectives import grpo, latro, refinerl, score
 from glore_jax.objectives.base import Batch, FrozenSpec, Metrics, Objective, finalize, pair
 from glore_jax.objectives.sft import SFT
 from glore_jax.objectives.value import ORM, SORM
@@ -22,6 +22,7 @@ BUILDERS = {
     "grpo": lambda exp: grpo.build(exp.rl, exp.train.batch_size),   # rl.estimator: grpo | rloo | reinforce
     "score": lambda exp: score.build(exp.rl, exp.score, exp.train.batch_size),   # score.stage: 1 | 2
     "latro": lambda exp: latro.build(exp.latro, exp.train.batch_size),            # latro.k, beta, sft_penalty
+    "refinerl": lambda exp: refinerl.build(exp.rl, exp.agent, exp.train.batch_size),  # agent.turns, skeptical
 }
 
 

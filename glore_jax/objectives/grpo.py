@@ -18,9 +18,9 @@ from glore_jax.rl.config import RLConfig
 from glore_jax.rl.losses import policy_loss_terms, token_entropy, token_logprobs
 
 
-def build(cfg: RLConfig, batch_size: int) -> Objective:
-    """The `grpo` objective for these knobs (`rl.estimator` picks grpo, rloo or reinforce advantages)."""
-    cfg.check(batch_size)
+def policy_loss_fn(cfg: RLConfig, max_tokens: int, row_means: tuple[str, ...] = ()):
+    """The clipped policy-gradient loss over `batch['loss_mask']` with one advantage per row, for any
+    rollout source that fills the `Rollouts` keys; `row_means` names further per-row fields to log."""
 
     def loss_fn(params, batch, rng, model: models.ModelConfig, frozen):
         del rng
@@ -34,7 +34,7 @@ def build(cfg: RLConfig, batch_size: int) -> Objective:
         (total, weight), aux = policy_loss_terms(
             logprobs, batch["loss_mask"], batch["advantages"], old_logprobs=batch.get("old_logprobs"),
             ref_logprobs=ref, beta=cfg.beta, kl=cfg.kl, clip_eps=cfg.clip_eps, ratio_level=cfg.ratio_level,
-            aggregation=cfg.aggregation, max_tokens=cfg.max_new_tokens,
+            aggregation=cfg.aggregation, max_tokens=max_tokens,
             entropy=jax.lax.stop_gradient(token_entropy(logits, cfg.temperature)))
         b = jnp.asarray(tokens.shape[0], jnp.float32)
         metrics = {"loss": pair(total, weight), **{k: pair(s, c) for k, (s, c) in aux.items()},
@@ -42,8 +42,16 @@ def build(cfg: RLConfig, batch_size: int) -> Objective:
                    "reward_sq": pair(jnp.sum(batch["rewards"] ** 2), b),
                    "accuracy": pair(jnp.sum(batch["correct"]), b),
                    "completion_length": pair(jnp.sum(batch["loss_mask"]), b),
-                   "cut_at_limit": pair(b - jnp.sum(batch["stopped"]), b)}
+                   "cut_at_limit": pair(b - jnp.sum(batch["stopped"]), b),
+                   **{k: pair(jnp.sum(batch[k]), b) for k in row_means}}
         return total, metrics
+    return loss_fn
+
+
+def build(cfg: RLConfig, batch_size: int) -> Objective:
+    """The `grpo` objective for these knobs (`rl.estimator` picks grpo, rloo or reinforce advantages)."""
+    cfg.check(batch_size)
+    loss_fn = policy_loss_fn(cfg, cfg.max_new_tokens)
 
     def experience(run):
         from glore_jax.rl.rollouts import Rollouts  # late: the sampler is only needed when training

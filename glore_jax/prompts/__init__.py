@@ -10,6 +10,7 @@ from glore_jax.prompts.formats import (FORMATS, LATRO_ANSWERS, LATRO_STOPS, Prom
                                        global_refiner_prompt, latro_answer, local_refiner_example, local_refiner_prompt,
                                        policy_example, policy_prompt, register, self_correct_prompt,
                                        value_example, SELF_CORRECT_INSTRUCTION)
+from glore_jax.prompts import agent_formats  # noqa: F401  registers the agent's format
 from glore_jax.prompts.layout import (Example, FitResult, fit, fit_prompt, local_continuation, mark_bad_step,
                                       num_scorable_positions, splice_local)
 

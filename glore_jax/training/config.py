@@ -21,10 +21,11 @@ from typing import Any
 from ml_collections import ConfigDict, config_dict
 
 from glore_jax.errors import ConfigError
+from glore_jax.agent.config import AgentConfig
 from glore_jax.models import PRESETS, ModelConfig, preset
 from glore_jax.rl.config import LatroConfig, RLConfig, ScoreConfig
 from glore_jax.sharding import MeshConfig
-from glore_jax.tasks import TASKS, SyntheticConfig
+from glore_jax.tasks import GENERATED_TASKS, TASKS, ProgramConfig, SyntheticConfig
 
 # ModelConfig fields a config may override on top of its preset. Those that
 # change param shapes must agree with a model loaded by `init_from` or resume.
@@ -35,6 +36,8 @@ VOCAB_MULTIPLE = 128
 # The synthetic generator's knobs a config exposes (all but `operators`).
 SYNTHETIC_KEYS = ("train_size", "test_size", "seed", "min_steps", "max_steps", "min_operand", "max_operand",
                   "max_factor", "max_value")
+# The program generator's knobs (`glore_jax.tasks.programs`), all of them.
+PROGRAM_KEYS = tuple(f.name for f in dataclasses.fields(ProgramConfig))
 
 
 def base_config() -> ConfigDict:
@@ -70,6 +73,7 @@ def base_config() -> ConfigDict:
     defaults = SyntheticConfig()
     for name in SYNTHETIC_KEYS:
         setattr(c.data.synthetic, name, getattr(defaults, name))
+    c.data.programs = ConfigDict(dataclasses.asdict(ProgramConfig()))  # task 'programs': its generator knobs
 
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 
@@ -91,6 +95,7 @@ def base_config() -> ConfigDict:
     c.rl = ConfigDict(dataclasses.asdict(RLConfig()))  # on-policy RL (`grpo`); see glore_jax.rl.config
     c.score = ConfigDict(dataclasses.asdict(ScoreConfig()))  # SCoRe's stage, bonus and KL weights (`score`)
     c.latro = ConfigDict(dataclasses.asdict(LatroConfig()))  # LaTRO's K, KL weight, answer format (`latro`)
+    c.agent = ConfigDict(dataclasses.asdict(AgentConfig()))  # RefineRL's turns, skepticism, reward (`refinerl`)
     return c
 
 
@@ -162,7 +167,13 @@ class DataConfig:
     manual_dir: str
     tokenizer: str
     tokenizer_vocab_size: int
-    synthetic: SyntheticConfig | None       # the generator's knobs; None for the file-backed tasks
+    synthetic: SyntheticConfig | None       # the generator's knobs; None for the other tasks
+    programs: ProgramConfig | None = None   # the program generator's knobs (task 'programs')
+
+    @property
+    def generator(self) -> SyntheticConfig | ProgramConfig | None:
+        """The knobs of a generated task (its data and its own tokenizer depend on them)."""
+        return self.synthetic if self.task == "synthetic" else self.programs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,6 +224,7 @@ class Experiment:
     rl: RLConfig = RLConfig()
     score: ScoreConfig = ScoreConfig()
     latro: LatroConfig = LatroConfig()
+    agent: AgentConfig = AgentConfig()
     source_json: str = "{}"                 # the ConfigDict as given, saved as the workdir's config.json
 
     def replace(self, **changes) -> "Experiment":
@@ -224,11 +236,14 @@ def experiment(config: ConfigDict) -> Experiment:
     check(config)
     d = config.data
     synthetic = SyntheticConfig(**{k: d.synthetic[k] for k in SYNTHETIC_KEYS}) if d.task == "synthetic" else None
+    programs = (ProgramConfig(**{k: d.programs[k] for k in PROGRAM_KEYS})
+                if d.task == "programs" and "programs" in d else ProgramConfig() if d.task == "programs" else None)
     data = DataConfig(task=d.task, split=d.split, eval_split=d.eval_split, prompt_format=d.prompt_format,
                       records=d.records, eval_records=d.eval_records,
                       skip_bad_records=d.skip_bad_records, max_len=d.max_len, pack=d.pack,
                       data_dir=d.data_dir or os.path.join(config.workdir, "data"), manual_dir=d.manual_dir,
-                      tokenizer=d.tokenizer, tokenizer_vocab_size=d.tokenizer_vocab_size, synthetic=synthetic)
+                      tokenizer=d.tokenizer, tokenizer_vocab_size=d.tokenizer_vocab_size, synthetic=synthetic,
+                      programs=programs)
     overrides = tuple((k, resolve_dtype(v) if k == "dtype" else v) for k in MODEL_OVERRIDES
                       if (v := config.model[k]) is not None)
     return Experiment(objective=config.objective, workdir=os.path.abspath(config.workdir), seed=config.seed,
@@ -237,6 +252,7 @@ def experiment(config: ConfigDict) -> Experiment:
                       rl=RLConfig(**config.rl.to_dict()) if "rl" in config else RLConfig(),
                       score=ScoreConfig(**config.score.to_dict()) if "score" in config else ScoreConfig(),
                       latro=LatroConfig(**config.latro.to_dict()) if "latro" in config else LatroConfig(),
+                      agent=AgentConfig(**config.agent.to_dict()) if "agent" in config else AgentConfig(),
                       source_json=config.to_json_best_effort(indent=2))
 
 

@@ -9,6 +9,7 @@ objective runs without a trained policy.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from glore_jax.errors import ConfigError
 from glore_jax.data.labelled import SyntheticLabelled
 from glore_jax.data.store import RecordsFile
 from glore_jax.tokenizer import Tokenizer, train_tokenizer
+from glore_jax.tasks import GENERATED_TASKS
 from glore_jax.training.config import SYNTHETIC_KEYS, DataConfig
 
 Source = Sequence[dict[str, Any]]
@@ -31,12 +33,13 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
     """The configured tokenizer, or for the synthetic task one trained once and cached by config."""
     if cfg.tokenizer:
         return Tokenizer.load(cfg.tokenizer)
-    if cfg.task != "synthetic":
+    if cfg.task not in GENERATED_TASKS:
         raise ConfigError(f"data.tokenizer must name a sentencepiece model for task {cfg.task!r}; "
-                         "only the synthetic task trains its own")
-    key = json.dumps({"synthetic": {k: getattr(cfg.synthetic, k) for k in SYNTHETIC_KEYS},
-                      "vocab": cfg.tokenizer_vocab_size}, sort_keys=True)
-    path = os.path.join(cfg.data_dir, "tokenizers", f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}.model")
+                         f"only the generated tasks {GENERATED_TASKS} train their own")
+    knobs = ({k: getattr(cfg.synthetic, k) for k in SYNTHETIC_KEYS} if cfg.task == "synthetic"
+             else dataclasses.asdict(cfg.programs))
+    key = json.dumps({cfg.task: knobs, "vocab": cfg.tokenizer_vocab_size}, sort_keys=True)
+    path = os.path.join(cfg.data_dir, "tokenizers", f"{cfg.task}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.model")
     if os.path.exists(path):
         return Tokenizer.load(path)
     train = task_split(cfg, cfg.split or "train")
@@ -52,7 +55,7 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
 
 def task_split(cfg: DataConfig, split: str) -> Source:
     return data.load(cfg.task, split, cfg.data_dir, manual_dir=cfg.manual_dir or None, synthetic=cfg.synthetic,
-                     skip_malformed=cfg.skip_bad_records)
+                     programs=cfg.programs, skip_malformed=cfg.skip_bad_records)
 
 
 def resolve_source(cfg: DataConfig, prompt_format: str, records: Source | str | None, split: str,

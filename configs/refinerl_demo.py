@@ -1,0 +1,47 @@
+"""RefineRL on the program-synthesis task, from scratch on CPU: SFT, then GRPO and RefineRL from it.
+
+    python -m glore_jax.agent.recipe --config=configs/refinerl_demo.py      # all runs, then report.{json,md}
+    python -m glore_jax.train --config=configs/refinerl_demo.py:sft         # or one run on its own
+
+Runs (each in <workdir>/<run>, see glore_jax.agent.recipe):
+    sft        a `mini` policy trained on two-turn agent traces (`agent` format): first attempts
+               (the reference, or a planted bug with no loss), the sandbox's report, the refinement
+    grpo       `refinerl` with agent.turns = 1: single-turn GRPO on the hidden-test reward
+    refinerl   `refinerl` with agent.turns = 2, skeptical: a refinement turn after every attempt
+Both RL runs start from sft, sample the same number of questions per step, and take the same steps.
+"""
+
+import ml_collections
+
+from glore_jax.agent.recipe import RUNS, recipe_knobs, run_configs
+from glore_jax.training.config import base_config
+
+
+def get_config(run: str | None = None):
+    c = base_config()
+    c.workdir = "workdir/refinerl_demo"
+    c.objective = "refinerl"
+    c.model.preset = "mini"
+    c.model.dtype = "auto"
+    c.data.task = "programs"
+    c.data.tokenizer_vocab_size = 1000
+    c.data.programs.train_size = 8000
+    c.data.programs.test_size = 500
+    c.data.max_len = 320
+    c.train.batch_size = 64            # RL: 8 questions x rl.group_size episodes
+    c.train.total_steps = 60
+    c.train.learning_rate = 1e-4
+    c.train.warmup_steps = 5
+    c.train.log_every = 5
+    c.train.eval_every = 0             # the report evaluates all of test at the end
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = 20
+    c.rl.group_size, c.rl.temperature = 8, 0.7
+    c.rl.max_prompt_len, c.rl.max_new_tokens = 112, 96
+    c.rl.beta = 0.0
+    c.agent.turns = 2
+    c.agent.max_obs_tokens = 40
+    r = recipe_knobs()
+    c.refinerl_recipe = r
+    c.lock()
+    return run_configs(c)[run] if run else c
