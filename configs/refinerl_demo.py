@@ -11,15 +11,24 @@ Runs (each in <workdir>/<run>, see glore_jax.agent.recipe):
 Both RL runs start from sft, sample the same number of questions per step, and take the same steps.
 """
 
-import ml_collections
+import os
+import sys
 
-from glore_jax.agent.recipe import RUNS, recipe_knobs, run_configs
-from glore_jax.training.config import base_config
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo  # noqa: E402
+
+from glore_jax.agent.recipe import RUNS, recipe_knobs, run_configs  # noqa: E402
 
 
 def get_config(run: str | None = None):
-    c = base_config()
+    """The recipe's shared config; `run` (sft, grpo, refinerl) is that one training job's config (any other
+    name is the demo's stage of that name: every config file serves the pipeline's stages)."""
+    if run not in (None, *RUNS):
+        return demo.get_config(run)
+    c = demo.get_config("rl")   # the shared keys; the task, lengths and RL knobs are set below
+    c.unlock()
     c.workdir = "workdir/refinerl_demo"
+    c.data.prompt_format = ""
     c.objective = "refinerl"
     c.model.preset = "mini"
     c.model.dtype = "auto"
@@ -32,6 +41,7 @@ def get_config(run: str | None = None):
     c.train.total_steps = 100
     c.train.learning_rate = 2e-4
     c.train.warmup_steps = 5
+    c.train.weight_decay = 0.0
     c.train.log_every = 5
     c.train.eval_every = 0             # the report evaluates all of test at the end
     c.train.eval_batches = 1
@@ -41,7 +51,6 @@ def get_config(run: str | None = None):
     c.rl.beta = 0.0
     c.agent.turns = 2
     c.agent.max_obs_tokens = 40
-    r = recipe_knobs()
-    c.refinerl_recipe = r
+    c.refinerl_recipe = recipe_knobs()
     c.lock()
     return run_configs(c)[run] if run else c

@@ -15,7 +15,6 @@ from glore_jax.agent.tools import SKEPTIC, annotation_report, program_report
 from glore_jax.errors import ConfigError
 from glore_jax.execution import run_many
 from glore_jax.prompts import agent_formats
-from glore_jax.tasks import programs
 from glore_jax.tasks.programs import ProgramConfig, evaluate, generate_split, mutate, render_program
 from glore_jax.tokenizer import train_tokenizer
 from tests.test_onpolicy import _job, _metrics, _metrics_or_empty, kill_after_a_checkpoint

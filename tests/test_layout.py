@@ -9,7 +9,7 @@ MAX_LINES = 400
 # Where an ml_collections ConfigDict may appear: the schema modules and the two entry points.
 # Schemas and entry points (rl/score_recipe.py is both: its knobs and its command).
 CONFIG_EDGES = {"training/config.py", "recipe/config.py", "trainer.py", "pipeline.py", "train.py", "rl/score_recipe.py",
-                "rl/latro_recipe.py"}
+                "rl/latro_recipe.py", "agent/recipe.py"}
 
 
 def _modules() -> dict[str, pathlib.Path]:

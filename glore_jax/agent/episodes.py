@@ -21,7 +21,6 @@ hidden failure or broke a right program, and the tool's time.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 

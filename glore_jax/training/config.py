@@ -25,7 +25,7 @@ from glore_jax.agent.config import AgentConfig
 from glore_jax.models import PRESETS, ModelConfig, preset
 from glore_jax.rl.config import LatroConfig, RLConfig, ScoreConfig
 from glore_jax.sharding import MeshConfig
-from glore_jax.tasks import GENERATED_TASKS, TASKS, ProgramConfig, SyntheticConfig
+from glore_jax.tasks import TASKS, ProgramConfig, SyntheticConfig
 
 # ModelConfig fields a config may override on top of its preset. Those that
 # change param shapes must agree with a model loaded by `init_from` or resume.
@@ -169,11 +169,6 @@ class DataConfig:
     tokenizer_vocab_size: int
     synthetic: SyntheticConfig | None       # the generator's knobs; None for the other tasks
     programs: ProgramConfig | None = None   # the program generator's knobs (task 'programs')
-
-    @property
-    def generator(self) -> SyntheticConfig | ProgramConfig | None:
-        """The knobs of a generated task (its data and its own tokenizer depend on them)."""
-        return self.synthetic if self.task == "synthetic" else self.programs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
