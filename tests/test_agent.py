@@ -262,3 +262,27 @@ def test_rollout_batch_masks_every_observation_token(warm_policy):
         if start2 is not None:
             assert tokens[start2 - 1] == fix and (turns[int(np.argmax(turns == 1)):start2] != 2).all()
     assert batch["advantages"].shape == batch["rewards"].shape
+
+
+def test_recipe_runs_share_steps_and_start_from_sft(tmp_path):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "refinerl_demo.py"
+    spec = importlib.util.spec_from_file_location("refinerl_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from glore_jax.agent.recipe import run_configs
+    c = module.get_config()
+    runs = run_configs(c)
+    assert list(runs) == ["sft", "grpo", "refinerl"]
+    assert runs["sft"].objective == "sft" and runs["sft"].data.prompt_format == "agent" and not runs["sft"].init_from
+    for name in ("grpo", "refinerl"):
+        assert runs[name].objective == "refinerl" and runs[name].init_from == runs["sft"].workdir
+        assert runs[name].train.total_steps == c.train.total_steps and runs[name].train.batch_size == c.train.batch_size
+    assert (runs["grpo"].agent.turns, runs["refinerl"].agent.turns) == (1, c.agent.turns)
+    assert module.get_config("refinerl").agent.skeptical
+    bad = module.get_config()
+    bad.unlock()
+    bad.agent.reward = "partial"
+    with pytest.raises(ConfigError, match="agent.reward"):
+        run_configs(bad)

@@ -1,5 +1,5 @@
-"""Local execution of candidate programs for RefineRL (work in progress, issue 19): the AST whitelist
-(`policy`) and the limited child process that runs a program on tests (`executor`)."""
+"""Local execution of candidate programs (RefineRL's tool): the AST whitelist (`policy`) and the limited
+child process that runs a program on tests (`executor`)."""
 
 from glore_jax.execution.executor import Limits, Report, run_many, run_tests
 from glore_jax.execution.policy import BUILTINS, refusal
