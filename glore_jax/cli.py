@@ -51,6 +51,21 @@ def main(run: Callable[[list[str]], object]) -> None:
     app.run(wrapped, flags_parser=parse_flags)
 
 
+def train_runs(configs: dict, records_for: Callable[[str], object] = lambda name: None) -> dict[str, float]:
+    """Trains a recipe's runs in order (each resumes, or skips when finished); their wall seconds by name.
+    `records_for(name)`: records a run trains on instead of its config's (None: the config's)."""
+    import time
+
+    from glore_jax import trainer
+    timings = {}
+    for name, c in configs.items():
+        t0 = time.perf_counter()
+        trainer.train(c, records=records_for(name))
+        timings[name] = trainer.done_info(c.workdir).get("wall_seconds") or time.perf_counter() - t0
+        print(f"{name}: done in {timings[name] / 60:.1f} min", flush=True)
+    return timings
+
+
 def recipe_main(run: Callable[[object], object], summarize: Callable[[list[str]], str], example: str) -> None:
     """A recipe command (`rl.score_recipe`, `rl.latro_recipe`): `--config=...` runs the recipe;
     `--summarize=DIR,...` prints one table over finished workdirs (one per seed), `--out` also writes it.

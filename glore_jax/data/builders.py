@@ -142,36 +142,32 @@ def programs_config(task: programs.ProgramConfig = programs.ProgramConfig()) -> 
     return _named(ProgramsBuilderConfig, task, programs.ProgramConfig())
 
 
-class GloreSynthetic(_RecordBuilder):
+class _GeneratedBuilder(_RecordBuilder, skip_registration=True):
+    """A generated task: its config's generator writes both splits (no download)."""
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {s: self._generate_examples(s) for s in ("train", "test")}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
+        stats = self._stats(split)
+        for record in type(self).generate(self.builder_config.task, split):
+            stats.read += 1
+            yield record["id"], record
+
+
+class GloreSynthetic(_GeneratedBuilder):
     """Procedurally generated multi-step arithmetic word problems (no download)."""
 
     BUILDER_CONFIGS = [synthetic_config()]
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {s: self._generate_examples(s) for s in ("train", "test")}
-
-    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
-        stats = self._stats(split)
-        for record in generate_split(self.builder_config.task, split):
-            stats.read += 1
-            yield record["id"], record
+    generate = staticmethod(generate_split)
 
 
-class GlorePrograms(_RecordBuilder):
+class GlorePrograms(_GeneratedBuilder):
     """Procedurally generated small-function synthesis problems with public and hidden tests (no download)."""
 
     BUILDER_CONFIGS = [programs_config()]
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {s: self._generate_examples(s) for s in ("train", "test")}
-
-    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
-        stats = self._stats(split)
-        for record in programs.generate_split(self.builder_config.task, split):
-            stats.read += 1
-            yield record["id"], record
+    generate = staticmethod(programs.generate_split)
 
 
 BUILDERS: dict[str, type[_RecordBuilder]] = {

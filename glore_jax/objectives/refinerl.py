@@ -30,10 +30,9 @@ def build(cfg: RLConfig, agent: AgentConfig, batch_size: int) -> Objective:
         return AgentRollouts(run, cfg, agent, run.records, seed=run.exp.seed)
 
     def evaluate(run):
-        if run.eval_records is None:
-            return None
-        n = min(len(run.eval_records), run.exp.train.eval_batches * run.exp.train.batch_size)
-        return EpisodeEval(run, [run.eval_records[i] for i in range(n)], cfg, agent)
+        from glore_jax.training.evals import held_out_records  # late: evals import the objectives
+        records = held_out_records(run)
+        return None if records is None else EpisodeEval(run, records, cfg, agent)
 
     return Objective(name="refinerl", loss_fn=loss_fn, heads=("lm",), default_format="agent",
                      frozen=(FrozenSpec(name="reference"),) if cfg.beta > 0 else (), experience=experience,

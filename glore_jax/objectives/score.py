@@ -64,10 +64,9 @@ def build(cfg: RLConfig, score: ScoreConfig, batch_size: int) -> Objective:
         return TwoTurnRollouts(run, cfg, score, run.records, seed=run.exp.seed)
 
     def evaluate(run):
-        if run.eval_records is None:
-            return None
-        n = min(len(run.eval_records), run.exp.train.eval_batches * run.exp.train.batch_size)
-        return SelfCorrectionEval(run, [run.eval_records[i] for i in range(n)], cfg)
+        from glore_jax.training.evals import held_out_records  # late: evals import the objectives
+        records = held_out_records(run)
+        return None if records is None else SelfCorrectionEval(run, records, cfg)
 
     return Objective(name="score", loss_fn=loss_fn, heads=("lm",), default_format="policy",
                      frozen=(FrozenSpec(name="reference", derive=reference_derive(score.reference)),),

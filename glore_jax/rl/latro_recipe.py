@@ -225,14 +225,7 @@ def summarize(workdirs: list[str]) -> str:
 
 
 def run(config: ConfigDict) -> dict:
-    from glore_jax import trainer
-    timings = {}
-    for name, c in run_configs(config).items():
-        t0 = time.perf_counter()
-        trainer.train(c)
-        timings[name] = trainer.done_info(c.workdir).get("wall_seconds") or time.perf_counter() - t0
-        print(f"{name}: done in {timings[name] / 60:.1f} min", flush=True)
-    result = report(config, timings)
+    result = report(config, cli.train_runs(run_configs(config)))
     print(markdown(result))
     return result
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 
 from ml_collections import ConfigDict
 
@@ -242,14 +241,8 @@ def summarize(workdirs: list[str]) -> str:
 
 
 def run(config: ConfigDict) -> dict:
-    from glore_jax import trainer
-    timings = {}
-    for name, c in run_configs(config).items():
-        t0 = time.perf_counter()
-        records = warmup_records(config, os.path.join(config.workdir, WARMUP_RECORDS)) if name == "warmup" else None
-        trainer.train(c, records=records)
-        timings[name] = trainer.done_info(c.workdir).get("wall_seconds") or time.perf_counter() - t0
-        print(f"{name}: done in {timings[name] / 60:.1f} min", flush=True)
+    timings = cli.train_runs(run_configs(config), lambda name: warmup_records(
+        config, os.path.join(config.workdir, WARMUP_RECORDS)) if name == "warmup" else None)
     result = report(config, timings)
     print(markdown(result))
     return result

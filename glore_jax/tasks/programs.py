@@ -33,6 +33,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from glore_jax.errors import ConfigError
+from glore_jax.tasks.splits import disjoint_split
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -259,23 +260,10 @@ def _structure(meta: Mapping[str, Any]) -> str:
 
 
 def generate_split(cfg: ProgramConfig, split: str) -> Iterator[dict[str, str]]:
-    """Records of one split ('train' or 'test'), deterministic in `cfg`; no test function is in train."""
-    if split not in ("train", "test"):
-        raise ConfigError(f"program splits are 'train' and 'test', got {split!r}")
-    seen: set[str] = set()
-    for part in (("test", "train") if split == "train" else ("test",)):
-        rng, size, count, attempts = random.Random(f"glore-programs/{cfg.seed}/{part}"), getattr(cfg, f"{part}_size"), 0, 0
-        while count < size:
-            attempts += 1
-            if attempts > 20 * size + 1000:
-                raise ConfigError(f"cannot find {size} distinct programs for {part}; widen the config")
-            meta = sample_problem(rng, cfg)
-            key = _structure(meta)
-            if key in seen:
-                continue
-            seen.add(key)
-            count += 1
-            if part == split:
-                yield {"id": f"programs-{split}-{count - 1:06d}", "question": render_question(meta),
-                       "answer": render_program(meta), "gold": json.dumps(meta["hidden"]),
-                       "meta": json.dumps(meta, sort_keys=True)}
+    """Records of one split ('train' or 'test'), deterministic in `cfg`; no test function is in train
+    (`tasks.splits.disjoint_split`, keyed on the function's structure, whatever its tests)."""
+    def record(meta, part, index):
+        return {"id": f"programs-{part}-{index:06d}", "question": render_question(meta), "answer": render_program(meta),
+                "gold": json.dumps(meta["hidden"]), "meta": json.dumps(meta, sort_keys=True)}
+    return disjoint_split("programs", cfg.seed, {"train": cfg.train_size, "test": cfg.test_size}, split,
+                          lambda rng: sample_problem(rng, cfg), _structure, record)

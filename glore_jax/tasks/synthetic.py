@@ -23,6 +23,7 @@ from typing import Any
 from glore_jax.errors import ConfigError
 from glore_jax.tasks.answers import answers_match, extract_answer, format_number, parse_number
 from glore_jax.tasks.arithmetic import ExpressionError, evaluate, literals
+from glore_jax.tasks.splits import disjoint_split
 from glore_jax.tasks.steps import annotations, solution_lines
 
 _OPS = ("+", "-", "*", "/")
@@ -240,34 +241,11 @@ def _structure(meta: Mapping[str, Any]) -> tuple:
     return (meta["start"],) + tuple((s["op"], s["b"]) for s in meta["steps"])
 
 
-def _split_rng(config: SyntheticConfig, split: str) -> random.Random:
-    return random.Random(f"glore-synthetic/{config.seed}/{split}")
-
-
 def generate_split(config: SyntheticConfig, split: str) -> Iterator[dict[str, str]]:
-    """Records of one split ('train' or 'test'), deterministic in `config`.
-
-    Test is drawn first; train skips every structure used by test (and its
-    own duplicates), so no test problem is ever trained on.
-    """
-    if split not in ("train", "test"):
-        raise ConfigError(f"synthetic splits are 'train' and 'test', got {split!r}")
-    seen: set[tuple] = set()
-    order = ("test", "train") if split == "train" else ("test",)
-    for part in order:
-        rng, size, count = _split_rng(config, part), getattr(config, f"{part}_size"), 0
-        attempts = 0
-        while count < size:
-            attempts += 1
-            if attempts > 20 * size + 1000:
-                raise ConfigError(f"cannot find {size} distinct problems for {part}; widen the config")
-            meta = sample_problem(rng, config)
-            key = _structure(meta)
-            if key in seen:
-                continue
-            seen.add(key)
-            count += 1
-            if part == split:
-                yield {"id": f"synthetic-{split}-{count - 1:06d}", "question": render_question(meta),
-                       "answer": render_solution(meta), "gold": meta["answer"],
-                       "meta": json.dumps(meta, sort_keys=True)}
+    """Records of one split ('train' or 'test'), deterministic in `config`; no test problem is in train
+    (`tasks.splits.disjoint_split`, keyed on the problem's structure)."""
+    def record(meta, part, index):
+        return {"id": f"synthetic-{part}-{index:06d}", "question": render_question(meta),
+                "answer": render_solution(meta), "gold": meta["answer"], "meta": json.dumps(meta, sort_keys=True)}
+    return disjoint_split("synthetic", config.seed, {"train": config.train_size, "test": config.test_size}, split,
+                          lambda rng: sample_problem(rng, config), _structure, record)

@@ -65,10 +65,16 @@ class GenerationEval:
         return {self.name: float(np.mean([is_correct(t, r["gold"]) for t, r in zip(texts, self.records)]))}
 
 
-def held_out_accuracy(run, max_new: int) -> GenerationEval | None:
-    """The RL objectives' evaluator: greedy accuracy on the first `eval_batches x batch_size` held-out
-    records (None without held-out records)."""
+def held_out_records(run) -> list[dict] | None:
+    """What the RL objectives evaluate on: the first `eval_batches x batch_size` held-out records (None
+    without held-out records)."""
     if run.eval_records is None:
         return None
     n = min(len(run.eval_records), run.exp.train.eval_batches * run.exp.train.batch_size)
-    return GenerationEval(run, [run.eval_records[i] for i in range(n)], max_new=max_new)
+    return [run.eval_records[i] for i in range(n)]
+
+
+def held_out_accuracy(run, max_new: int) -> GenerationEval | None:
+    """The RL objectives' evaluator: greedy accuracy on `held_out_records`."""
+    records = held_out_records(run)
+    return None if records is None else GenerationEval(run, records, max_new=max_new)
