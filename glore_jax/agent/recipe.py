@@ -69,6 +69,8 @@ def run_configs(config: ConfigDict) -> dict[str, ConfigDict]:
         c = copy.deepcopy(config)
         c.unlock()
         c.workdir = os.path.join(config.workdir, name)
+        # One prepared task and one tokenizer for all runs (each run's default would be its own copy).
+        c.data.data_dir = config.data.data_dir or os.path.join(config.workdir, "data")
         if name == "sft":
             c.objective, c.data.prompt_format, c.init_from = "sft", "agent", ""
             c.train.total_steps, c.train.learning_rate = r.sft_steps, r.sft_learning_rate
