@@ -154,6 +154,12 @@ def markdown(result: dict) -> str:
         p = result["paired_p"].get(f"refinerl_vs_{name}")
         lines.append(f"| {ROWS[name]} | {pct(r['pass1'])} ({pct(r['ci95'][0])}-{pct(r['ci95'][1])}) | "
                      f"{'' if p is None else f'{p:.3g}'} |")
+    o = result["outcomes"]
+    moves = {label: (sum((not x) and y for x, y in zip(o[a], o[b])), sum(x and not y for x, y in zip(o[a], o[b])))
+             for label, a, b in (("SFT (inference only)", "sft_single", "sft_refine"),
+                                 ("RefineRL", "refinerl_first", "refinerl"))}
+    lines += ["", "First attempt -> final turn, every problem: " + "; ".join(
+        f"{label} wrong->right {ic}, right->wrong {ci}" for label, (ic, ci) in moves.items()) + "."]
     lines += ["", "Refinement turns after a program passed its public tests:", "",
               "| model | such turns | changed the program | fixed a hidden failure | broke a right program |",
               "| --- | --- | --- | --- | --- |"]
