@@ -41,6 +41,6 @@ def get_config(stage: str | None = None):
     c.train.eval_batches = 2              # 128 test questions, greedy episodes, at the end
     c.train.checkpoint_every = 25
     c.rl.beta = 0.0
-    c.agent.turns, c.agent.max_obs_tokens = 2, 40
+    c.agent.turns, c.agent.max_obs_tokens = 2, 128
     c.lock()
     return c

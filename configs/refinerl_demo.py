@@ -50,7 +50,9 @@ def get_config(run: str | None = None):
     c.rl.max_prompt_len, c.rl.max_new_tokens = 112, 96
     c.rl.beta = 0.0
     c.agent.turns = 2
-    c.agent.max_obs_tokens = 40
+    # Reports run to ~100 tokens (digits are single pieces): 40 cut most of them, an input the SFT
+    # traces never showed, and seed 1's refinement turns collapsed on it (results/, attempt 1).
+    c.agent.max_obs_tokens = 128
     c.refinerl_recipe = recipe_knobs()
     c.lock()
     return run_configs(c)[run] if run else c

@@ -179,7 +179,8 @@ class _Scripted:
     def check(self, records, texts):
         self.calls.append(len(texts))
         even = [int(r["id"][-1]) % 2 == 0 for r in records]
-        return [Check(report="ok" if e else "Public tests: 0/3 passed.", public_ok=e, reward=0.0, solved=False)
+        return [Check(report="ok" if e else "Public tests: 0/3 passed. f(1) returned 2, expected 3.", public_ok=e,
+                      reward=0.0, solved=False)
                 for e in even]
 
 
@@ -200,6 +201,9 @@ def test_episodes_append_observations_and_keep_sampled_spans(program_records, pr
             obs = agent_formats.observation(tok, ep.checks[0].report if s0 == ep.spans[0][0] else ep.checks[1].report,
                                             shape.max_obs_tokens)
             assert ep.tokens[s0:s1] == closed + obs   # attempt, EOS, report, [FIX]: the next turn's prompt
+        # A report longer than max_obs_tokens is cut, and counted: the SFT traces never show a cut one.
+        assert ep.obs_cut == sum(len(tok.encode(c.report)) + 1 > shape.max_obs_tokens for c in ep.checks[:2])
+    assert 0 < sum(ep.obs_cut for ep in eps) < 2 * len(eps)
     plain = run_episodes(config, params, tok, test[:4], _Scripted(), one_device, shape, k=2, temperature=1.0,
                          seed=3, skeptical=False)
     assert [len(ep.texts) for ep in plain] == [1, 1, 3, 3] * 2   # without skepticism a public pass ends it

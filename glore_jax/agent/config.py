@@ -15,7 +15,8 @@ class AgentConfig:
     skeptical: bool = True      # refine also after every public check passed (False: stop at a pass)
     reward: str = "binary"      # binary: all hidden tests pass; fraction: the share passed (programs)
     shaping: float = 0.0        # + shaping * (r_final - r_first): a bonus for progress across turns
-    max_obs_tokens: int = 48    # a tool report is cut to this many tokens ([FIX] included)
+    max_obs_tokens: int = 128   # a tool report is cut to this many tokens ([FIX] included); SFT traces never
+                                # cut, so a cut report is unseen input (`obs_cut` counts them; keep it 0)
 
     def check(self) -> None:
         if self.turns < 1:

@@ -56,6 +56,7 @@ class Episode:
     texts: list[str]                           # each turn's attempt (EOS removed)
     checks: list[Check]                        # the tool's check of each attempt
     stopped: list[bool]                        # each turn ended on EOS (not at the token limit)
+    obs_cut: int = 0                           # reports cut to max_obs_tokens
 
     @property
     def final(self) -> Check:
@@ -98,6 +99,7 @@ def run_episodes(model, params, tok, records: Sequence[Mapping[str, Any]], tool,
             start, end = ep.spans[-1]
             nxt, _ = agent_formats.next_prompt(tok, ep.tokens[:start], ep.tokens[start:end], ep.checks[-1].report,
                                                shape.max_obs_tokens)
+            ep.obs_cut += len(tok.encode(ep.checks[-1].report)) + 1 > shape.max_obs_tokens
             ep.tokens = nxt
             nexts.append(nxt)
         gen = Generator(model, params, max_prompt_len=shape.prompt_width(turn + 1), **kw)
@@ -135,6 +137,7 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
             "changed_passing": changed_passing / max(passing_turns, 1),
             "changed_passing_count": changed_passing, "fixed": counts["fixed"], "broke": counts["broke"],
             "turns_per_episode": sum(len(ep.texts) for ep in episodes) / n,
+            "obs_cut": sum(ep.obs_cut for ep in episodes) / max(refine_turns, 1),
             "tool_seconds": sum(c.seconds for ep in episodes for c in ep.checks)}
 
 

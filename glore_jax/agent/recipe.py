@@ -166,6 +166,9 @@ def markdown(result: dict) -> str:
     for name, m in result["turn_metrics"].items():
         lines.append(f"| {'SFT (inference only)' if name == 'sft' else 'RefineRL'} | {m['passing_turns']} | "
                      f"{m['changed_passing_count']} | {m['fixed']} | {m['broke']} |")
+    cut = {k: m.get("obs_cut") for k, m in result["turn_metrics"].items()}
+    lines += ["", "Reports cut to agent.max_obs_tokens (share of refinement turns; unseen input when > 0): "
+              + ", ".join(f"{k} {v if v is None else f'{100 * v:.1f}%'}" for k, v in cut.items())]
     share = result["tool_share_of_rollout"]
     lines += ["", f"Sandbox time, share of RefineRL's rollout time: {'n/a' if share is None else f'{100 * share:.1f}%'}",
               "", "Minutes: " + ", ".join(f"{k} {v:.1f}" for k, v in result["train_minutes"].items())

@@ -9,7 +9,7 @@ episode:
     loss_mask   turn_ids > 0: sampled tokens only; observations, prompt and pad carry none
     rewards     the final turn's hidden grade, + agent.shaping * (final - first)
     advantages  `rl.estimator` over each question's G rewards (one per row, for every turn's tokens)
-    correct, correct_t1, public_t1, changed_passing, fixed, broke, stopped        [B]
+    correct, correct_t1, public_t1, changed_passing, fixed, broke, stopped, obs_cut        [B]
 
 The prompt cursor, pending reuse (rl.mu) and exact resume are `Rollouts`'.
 """
@@ -57,7 +57,7 @@ class AgentRollouts(Rollouts):
                "segment_ids": np.zeros((b, width), np.int32), "turn_ids": np.zeros((b, width), np.int32)}
         per_row = {k: np.zeros(b, np.float32) for k in ("rewards", "correct", "correct_t1", "public_t1",
                                                        "changed_passing", "passing_turns", "fixed", "broke",
-                                                       "stopped", "turns")}
+                                                       "stopped", "turns", "obs_cut")}
         for row, ep in enumerate(episodes):
             n = len(ep.tokens)
             arr["tokens"][row, :n] = ep.tokens
@@ -69,7 +69,7 @@ class AgentRollouts(Rollouts):
             per_row["rewards"][row] = last.reward + self.agent.shaping * (last.reward - first.reward)
             per_row["correct"][row], per_row["correct_t1"][row] = last.solved, first.solved
             per_row["public_t1"][row], per_row["stopped"][row] = first.public_ok, all(ep.stopped)
-            per_row["turns"][row] = len(ep.texts)
+            per_row["turns"][row], per_row["obs_cut"][row] = len(ep.texts), ep.obs_cut
             for key, value in turn_counts(ep).items():
                 per_row[key][row] = value
             self._tool_seconds += sum(c.seconds for c in ep.checks)

@@ -16,7 +16,7 @@ from glore_jax.objectives.base import FrozenSpec, Objective
 from glore_jax.objectives.grpo import policy_loss_fn
 from glore_jax.rl.config import RLConfig
 
-ROW_MEANS = ("correct_t1", "public_t1", "changed_passing", "passing_turns", "fixed", "broke", "turns")
+ROW_MEANS = ("correct_t1", "public_t1", "changed_passing", "passing_turns", "fixed", "broke", "turns", "obs_cut")
 
 
 def build(cfg: RLConfig, agent: AgentConfig, batch_size: int) -> Objective:
@@ -55,4 +55,5 @@ class EpisodeEval:
                                 tool_for(run.exp.data.task, self.agent.reward), run.mesh,
                                 shape_of(self.cfg, self.agent), skeptical=self.agent.skeptical, rows=64)
         m = episode_metrics(episodes)
-        return {f"eval_{k}": float(m[k]) for k in ("pass1_first", "pass1_final", "changed_passing", "fixed", "broke")}
+        return {f"eval_{k}": float(m[k]) for k in ("pass1_first", "pass1_final", "changed_passing", "fixed", "broke",
+                                                   "obs_cut")}
