@@ -62,7 +62,7 @@ def test_value_loss_and_accuracies_read_only_labelled_step_ends():
 
 
 def test_registry_names_valid_choices():
-    with pytest.raises(ValueError, match=r"'ppo'.*\['grpo', 'latro', 'orm', 'score', 'sft', 'sorm'\]"):
+    with pytest.raises(ValueError, match=r"'ppo'.*\['grpo', 'latro', 'orm', 'refinerl', 'score', 'sft', 'sorm'\]"):
         objectives.get("ppo")
     with pytest.raises(ValueError, match="valid formats"):
         objectives.get("orm").check_format("policy")

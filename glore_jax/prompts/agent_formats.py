@@ -18,6 +18,8 @@ record's id), a plausible bug (`tasks.programs.mutate` / `synthetic.inject_error
 no loss, a policy must not learn to write it); the tool's report on it; then
 the reference again as the refinement (loss on). Bugs that pass the public
 checks are kept, so the trace teaches a turn that fixes a passing program.
+A labelled refinement pair (`draft`, `target`, `gold`: arithmetic) renders as
+its own draft, the calculation checker's report on it, and its target.
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ def next_prompt(tok: Tokenizer, prompt: Sequence[int], attempt: Sequence[int], r
 
 
 def refinement_text(record: Mapping[str, Any]) -> str:
-    """The SFT target of a refinement turn: the checklist line and the reference program (programs), or
-    the reference solution (arithmetic)."""
+    """The SFT target of a refinement turn: a labelled record's `target`; else the checklist line and the
+    reference program (programs), or the reference solution (arithmetic)."""
+    if "target" in record and "draft" in record:
+        return record["target"]
     meta = _meta(record)
     if "kind" in meta:
         from glore_jax.tasks import programs
@@ -73,6 +77,10 @@ def _meta(record: Mapping[str, Any]) -> dict:
 def first_attempt(record: Mapping[str, Any]) -> tuple[str, str, bool]:
     """(first attempt, the tool's report on it, whether it is the reference) for the SFT trace."""
     from glore_jax.agent.tools import ProgramTool, annotation_report  # late: tools import the executor
+    if "draft" in record and "target" in record:   # a labelled refinement pair (arithmetic): its own draft
+        from glore_jax.tasks import is_correct
+        draft = record["draft"]
+        return draft, annotation_report(draft)[0], is_correct(draft, record["gold"])
     meta = _meta(record)
     rng = random.Random(hashlib.sha256(f"agent-trace/{record['id']}".encode()).digest())
     buggy = rng.random() < BUG_SHARE
@@ -109,6 +117,6 @@ def trace_example(tok: Tokenizer, record: Mapping[str, Any]) -> Example:
 
 
 register(PromptFormat(
-    name="agent", fields=("id", "question", "answer", "meta"), head="lm",
+    name="agent", fields=("id", "question", "answer|target", "meta|draft"), head="lm",
     loss="a right first attempt and the refinement (EOS included); never a buggy attempt or the report",
     prompt=lambda tok, r: policy_prompt(tok, r["question"]), example=trace_example, task_records=True))
