@@ -42,7 +42,7 @@ _PRINT_TABLE = flags.DEFINE_bool("print_table", False, "Print the stage table (m
 
 
 def run(config) -> dict:
-    """Runs (or resumes) every stage; returns the report dict."""
+    """Runs (or resumes) every stage, or those up to `glore.stop_after`; returns the report dict ({} if stopped early)."""
     import jax
 
     from glore_jax import sharding
@@ -66,6 +66,7 @@ def run(config) -> dict:
     config.lock()
     exp, g = train_config.experiment(config), GloreConfig.from_config(config.glore)
     mesh = sharding.make_mesh(exp.mesh)
+    inputs.build_first_on_process_zero(exp.data, ("train", "test"))
     tokenizer = inputs.load_tokenizer(exp.data)
     train = list(inputs.task_split(exp.data, "train"))
     test = list(inputs.task_split(exp.data, "test"))
@@ -83,8 +84,12 @@ def run(config) -> dict:
     log(f"task {exp.data.task}: {len(train)} train / {len(val)} validation / {len(test)} test; model "
         f"{config.model.preset}; {jax.device_count()} {jax.devices()[0].platform} device(s); workdir {ws.root}")
     # One pipeline per workdir; each trainer also locks its own stage directory.
+    if g.stop_after and g.stop_after not in {s.name for s in table}:
+        raise ConfigError(f"glore.stop_after={g.stop_after!r} is not a stage; stages: {[s.name for s in table]}")
     with files.WorkdirLock(ws.root) if jax.process_index() == 0 else contextlib.nullcontext():
-        ws.run_table(table, ctx.load_model, ctx, aliases, counts=ctx.take_counts)
+        results = ws.run_table(table, ctx.load_model, ctx, aliases, counts=ctx.take_counts, stop_after=g.stop_after)
+    if "report" not in results:
+        return {}
     return files.read_json_file(os.path.join(ws.root, "report.json"))
 
 
@@ -93,9 +98,11 @@ def _pinned_dtype(workdir: str, dtype: str | None) -> str | None:
         return dtype
     from glore_jax import hardware
     path = os.path.join(os.path.abspath(workdir), "hardware.json")
-    if not os.path.exists(path):
+    from glore_jax import distributed
+    if not distributed.agree(os.path.exists(path)):  # measured once, by process 0, for every process
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        files.write_json(path, {"dtype": hardware.fastest_dtype(), "cpu_bf16_flags": hardware.cpu_bf16_flags()})
+        distributed.write_once(path, lambda: files.write_json(
+            path, {"dtype": hardware.fastest_dtype(), "cpu_bf16_flags": hardware.cpu_bf16_flags()}))
     return files.read_json_file(path)["dtype"]
 
 
@@ -131,9 +138,8 @@ def main(argv):
     if _PRINT_TABLE.value:
         print(table_markdown(_CONFIG.value))
         return
-    if os.environ.get("GLORE_DISTRIBUTED") == "1":
-        import jax
-        jax.distributed.initialize()
+    from glore_jax import distributed
+    distributed.initialize_from_env()
     from glore_jax.training.metrics import setup_logging
     setup_logging()
     import tensorflow_datasets as tfds

@@ -4,20 +4,19 @@ Any config key can be overridden (`--config.train.total_steps=50`,
 `--config.objective=sorm`); config files return a locked ConfigDict, so a
 misspelled key fails at once and names itself. Bad input (a config value, a
 record, a path) ends in one `error:` line and exit code 2 (`glore_jax.cli`);
-`--verbose` adds the traceback. Multi-host (TPU pod) runs
-set GLORE_DISTRIBUTED=1 (the launch script does), which makes every host
-join `jax.distributed` before anything touches a device.
+`--verbose` adds the traceback. Multi-process runs
+set GLORE_DISTRIBUTED=1 (the launch script does), which makes every process
+join `jax.distributed` before anything touches a device (`glore_jax.distributed`).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from glore_jax import cli
+from glore_jax import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (e.g. configs/smoke.py).",
                                           lock_config=True)
@@ -27,9 +26,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if os.environ.get("GLORE_DISTRIBUTED") == "1":
-        import jax
-        jax.distributed.initialize()  # coordinator and process ids come from the TPU environment
+    distributed.initialize_from_env()  # before anything touches a device
     from glore_jax import trainer  # after distributed init: importing may touch devices
     from glore_jax.training.metrics import setup_logging
     setup_logging()

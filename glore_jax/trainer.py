@@ -184,6 +184,9 @@ def _train(exp: Experiment, obj: Objective, records, eval_records, source, evalu
         logging.info("%s already finished %d steps; loading its model instead of training", exp.workdir, done)
         return model_checkpoints.load_model(os.path.join(exp.workdir, MODEL_DIR), mesh)
 
+    d = exp.data
+    inputs.build_first_on_process_zero(d, [s for s, given in ((d.split, d.records), (d.eval_split, d.eval_records))
+                                           if not given])
     tokenizer = inputs.load_tokenizer(exp.data)
     prompt_format = obj.check_format(exp.data.prompt_format)
     resolve = lambda given, split, path: inputs.resolve_source(  # noqa: E731

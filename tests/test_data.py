@@ -166,16 +166,19 @@ def test_resume_is_exact_and_truncation_counted():
     assert sorted(epoch) != epoch and len(set(epoch)) == 16  # shuffled, no repeats within an epoch
 
 
-def test_each_process_reads_its_own_shard():
+def test_each_process_reads_its_rows_of_every_global_batch():
     import grain
-    source = grain.MapDataset.source(_tiny_source(23))
-    shards = [[r["i"] for r in data.shard_for_process(source, p, 4)] for p in range(4)]
-    assert all(len(s) == 5 for s in shards)
-    flat = [i for s in shards for i in s]
-    assert len(set(flat)) == 20
+    source = grain.MapDataset.source(_tiny_source(23)).shuffle(seed=5)
+    whole = [r["i"] for r in data.process_rows(source, 0, 1, 8)]
+    assert len(whole) == 16  # two global batches; the partial third is dropped
+    shards = [[r["i"] for r in data.process_rows(source, p, 4, 2)] for p in range(4)]
+    assert all(len(s) == 4 for s in shards)
+    # Process p holds rows [2p, 2p+2) of each global batch: together they are the 1-process batches.
+    rebuilt = [i for b in range(2) for s in shards for i in s[2 * b:2 * b + 2]]
+    assert rebuilt == whole
     with pytest.raises(ValueError):
-        data.shard_for_process(source, 4, 4)
-    with pytest.raises(ValueError, match="fewer than its batch"):
+        data.process_rows(source, 4, 4, 2)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         data.BatchIterator(_tiny_source(4), _tiny_format, data.PipelineConfig(global_batch_size=8, max_len=8),
                            make_mesh((2, 2, 2)), pad_id=0)
 

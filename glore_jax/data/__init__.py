@@ -6,7 +6,7 @@
 """
 
 from glore_jax.data.batching import (BATCH_KEYS, HOST_FIELDS, BatchIterator, PipelineConfig, collate, pad_example,
-                                     put_local, shard_for_process)
+                                     process_rows, put_local)
 from glore_jax.data.records import RECORD_FIELDS, MalformedRecordError, ReadStats, read_gsm8k_jsonl, read_svamp_json
 from glore_jax.data.sources import RecordSource, load, make_builder
 from glore_jax.data.store import RecordsFile, write_records
@@ -14,5 +14,5 @@ from glore_jax.data.store import RecordsFile, write_records
 __all__ = [
     "BATCH_KEYS", "HOST_FIELDS", "put_local", "RECORD_FIELDS", "BatchIterator", "MalformedRecordError", "PipelineConfig", "ReadStats",
     "RecordSource", "collate", "load", "make_builder", "pad_example", "read_gsm8k_jsonl", "read_svamp_json",
-    "shard_for_process", "RecordsFile", "write_records",
+    "process_rows", "RecordsFile", "write_records",
 ]

@@ -97,16 +97,31 @@ class PipelineConfig:
             raise ValueError(f"num_epochs must be positive or None, got {self.num_epochs}")
 
 
-def shard_for_process(dataset: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
-    """This process's records: a strided slice, equal-sized across processes.
+class _GlobalRow:
+    """Local position j -> this process's share of global batch j // local (picklable)."""
 
-    Equal sizes (the remainder is dropped) mean every process serves the same
-    number of batches, so none blocks on a collective the others skip.
+    def __init__(self, dataset: grain.MapDataset, process_index: int, local: int, process_count: int):
+        self.dataset, self.offset, self.local, self.glob = dataset, process_index * local, local, local * process_count
+
+    def __call__(self, j: int):
+        return self.dataset[(j // self.local) * self.glob + self.offset + j % self.local]
+
+
+def process_rows(dataset: grain.MapDataset, process_index: int, process_count: int,
+                 local_batch: int) -> grain.MapDataset:
+    """The rows this process feeds of each global batch, read lazily from the global order.
+
+    Global batch b is positions [b*G, (b+1)*G) of `dataset` (already shuffled
+    and repeated with one seed on every process); process p reads only rows
+    [b*G + p*L, b*G + (p+1)*L). So 1 process x 8 devices and 2 processes x 4
+    devices train on identical global batches (the multi-process test
+    compares their losses), and no process formats another's records.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    per_process = len(dataset) // process_count
-    return dataset[process_index:per_process * process_count:process_count]
+    glob = local_batch * process_count
+    n_local = (len(dataset) // glob) * local_batch  # a partial last global batch is dropped on every process
+    return grain.MapDataset.range(0, n_local).map(_GlobalRow(dataset, process_index, local_batch, process_count))
 
 
 class _FormatRow:
@@ -143,13 +158,14 @@ class BatchIterator:
         if config.global_batch_size % process_count:
             raise ConfigError(f"global batch {config.global_batch_size} not divisible by {process_count} processes")
         self.local_batch_size = config.global_batch_size // process_count
-        dataset = shard_for_process(grain.MapDataset.source(source), process_index, process_count)
-        if len(dataset) < self.local_batch_size:
-            raise ConfigError(f"source of {len(source)} records gives each of {process_count} processes "
-                             f"{len(dataset)}, fewer than its batch of {self.local_batch_size}")
+        if len(source) < config.global_batch_size:
+            raise ConfigError(f"source of {len(source)} records is fewer than one global batch of "
+                              f"{config.global_batch_size}")
+        dataset = grain.MapDataset.source(source)
         if config.shuffle:
             dataset = dataset.shuffle(seed=config.seed)
         dataset = dataset.repeat(config.num_epochs)  # reseeds the shuffle each epoch
+        dataset = process_rows(dataset, process_index, process_count, self.local_batch_size)
         dataset = dataset.map(_FormatRow(format_fn, config.max_len, pad_id, pad=not config.pack))
         if config.pack:
             self._iter = Packer(iter(dataset.to_iter_dataset()), self.local_batch_size, config.max_len, pad_id)

@@ -56,6 +56,7 @@ def glore_knobs() -> ConfigDict:
     g.sample_rows = 64              # sequences per compiled sampler call
     g.shard_size = 128              # questions per resumable output shard of a sampling stage
     g.rl_stage = False              # GRPO (rl.* knobs, stages.rl) on the EI policy; its result is the policy refined
+    g.stop_after = ""               # run the stages up to and including this one, then stop ("" = all)
     return g
 
 
@@ -87,6 +88,7 @@ class GloreConfig:
     sample_rows: int
     shard_size: int
     rl_stage: bool
+    stop_after: str = ""
 
     @classmethod
     def from_config(cls, glore: ConfigDict) -> "GloreConfig":

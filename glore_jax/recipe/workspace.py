@@ -8,6 +8,11 @@ skips the shards already there; training stages resume from the trainer's
 own Orbax checkpoints. `run_table` runs a table of stages (`recipe.table`),
 resolving each stage's declared inputs by name and checking its declared
 outputs exist when it finishes.
+
+Multi-process runs (`glore_jax.distributed`): every process runs every stage
+(training and sampling are collectives over one global mesh) and takes the
+same skip decisions, which process 0 makes from the disk; only process 0
+writes, and the others wait at a barrier until the file is there to read.
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from glore_jax import files
+import jax
+
+from glore_jax import distributed, files
 from glore_jax.data.store import RecordsFile, write_records
 
 DONE = "done.json"
 
 
 def log(message: str) -> None:
-    print(f"[glore] {message}", flush=True)
+    if jax.process_index() == 0:
+        print(f"[glore] {message}", flush=True)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +64,8 @@ class Workspace:
 
     def run_table(self, table: Sequence[Any], load_model: Callable[[str, str], Any], context: Any,
                   aliases: Mapping[str, str] = {},
-                  counts: Callable[[], dict[str, int]] | None = None) -> dict[str, Any]:
-        """Runs `table` in order; returns every stage's summary.
+                  counts: Callable[[], dict[str, int]] | None = None, stop_after: str = "") -> dict[str, Any]:
+        """Runs `table` in order (up to and including `stop_after`, if given); returns every stage's summary.
 
         `counts()` is called after each stage that runs and returns what it
         cut to a length limit (`truncation_warnings` names the keys); they are
@@ -78,6 +87,9 @@ class Workspace:
             return os.path.join(d, name) if name.endswith(".jsonl") else load_model(name, d)
 
         for stage in table:
+            if stop_after and self.results and list(self.results)[-1] == stop_after:
+                log(f"stopping after stage {stop_after} (glore.stop_after)")
+                break
             io = StageIO(dir=self.stage_dir(stage.name), reads=stage.reads, resolve=resolve, timings=self.timings,
                          truncation=self.truncation)
             self.results[stage.name] = self.run(stage.name, lambda d, stage=stage, io=io: stage.run(context, io),
@@ -96,7 +108,7 @@ class Workspace:
         self.count += 1
         d = self.stage_dir(name)
         done = os.path.join(d, DONE)
-        if os.path.exists(done):
+        if distributed.agree(os.path.exists(done)):
             saved = files.read_json_file(done)
             self.timings[name] = saved["seconds"]
             self.truncation[name] = saved.get("truncation", {})
@@ -113,8 +125,8 @@ class Workspace:
         self.truncation[name] = counts() if counts is not None else {}
         for warning in truncation_warnings(self.truncation[name]):
             log(f"WARNING stage {name}: {warning}")
-        files.write_json(done, {"result": result, "seconds": seconds, "truncation": self.truncation[name]},
-                         indent=2, default=float)
+        distributed.write_once(done, lambda: files.write_json(
+            done, {"result": result, "seconds": seconds, "truncation": self.truncation[name]}, indent=2, default=float))
         log(f"stage {self.count}/{self.total} {name}: done in {seconds:.0f}s")
         return result
 
@@ -145,12 +157,12 @@ def sharded(stage_dir: str, items: Sequence[Any], fn: Callable[[Sequence[Any], i
     n_shards = -(-len(items) // shard_size)
     for i in range(n_shards):
         path = os.path.join(stage_dir, f"shard_{i:05d}.jsonl")
-        if os.path.exists(path):
+        if distributed.agree(os.path.exists(path)):
             out.extend(RecordsFile(path))
             continue
         t0 = time.perf_counter()
         records = fn(items[i * shard_size:(i + 1) * shard_size], i)
-        write_records(path, records)
+        distributed.write_once(path, lambda: write_records(path, records))
         out.extend(records)
         log(f"  {label}: shard {i + 1}/{n_shards} ({len(records)} records, {time.perf_counter() - t0:.0f}s)")
     return out
@@ -159,6 +171,6 @@ def sharded(stage_dir: str, items: Sequence[Any], fn: Callable[[Sequence[Any], i
 def records_path(stage_dir: str, name: str, records: Sequence[dict]) -> str:
     """Writes records once (atomically) and returns the path the trainer reads."""
     path = os.path.join(stage_dir, name)
-    if not os.path.exists(path):
-        write_records(path, records)
+    if not distributed.agree(os.path.exists(path)):
+        distributed.write_once(path, lambda: write_records(path, records))
     return path

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from jax.sharding import Mesh
 
+from glore_jax.distributed import host_array
 from glore_jax.models import ModelConfig
 from glore_jax.prompts import fit_prompt
 from glore_jax.sampling.sampler import SamplingState, StopCondition, sampler_for
@@ -63,8 +64,8 @@ class Completion:
 
 
 def completions(state: SamplingState, rows: int, stop: StopCondition) -> list[Completion]:
-    tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
-    logprobs = np.asarray(state.logprobs)
+    tokens, counts = host_array(state.tokens), host_array(state.num_generated)
+    logprobs = host_array(state.logprobs)
     stop_ids = set(stop.stop_ids) | ({stop.eos_id} if stop.eos_id is not None else set())
     out = []
     for i in range(rows):

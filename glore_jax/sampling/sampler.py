@@ -29,6 +29,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from glore_jax import sharding as shd
@@ -203,8 +204,11 @@ class Sampler:
 
     def put_rows(self, x) -> jax.Array:
         """Places a host array [B, ...] on the mesh with its batch dimension sharded."""
-        x = jnp.asarray(x)
-        return jax.device_put(x, self._rows2 if x.ndim == 2 else self._row)
+        # From host memory, each process placing its own shards: the same call works when the
+        # mesh spans processes (multi-host sampling), where a device_put of one array cannot.
+        x = np.asarray(x)
+        sharding = self._rows2 if x.ndim == 2 else self._row
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     def sample(self, params, prompts, lengths, *, max_new: int, strategy: SamplingStrategy,
                stop: StopCondition, seed: int = 0, row_ids=None, limit: int | None = None) -> SamplingState:
@@ -214,7 +218,7 @@ class Sampler:
         `row_ids` [B] name each row's random stream (default 0..B-1).
         """
         prompts, lengths = self.put_rows(prompts), self.put_rows(lengths)
-        row_ids = self.put_rows(jnp.arange(prompts.shape[0]) if row_ids is None else row_ids)
+        row_ids = self.put_rows(np.arange(prompts.shape[0]) if row_ids is None else row_ids)
         prefix, logits = self.prefill(params, prompts, lengths)
         return self._run(params, prefix, logits, lengths, 1, row_ids, seed, max_new, strategy, stop, limit)
 
@@ -229,11 +233,11 @@ class Sampler:
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        prefixes, lengths = jnp.asarray(prefixes), jnp.asarray(lengths)
+        prefixes, lengths = np.asarray(prefixes), np.asarray(lengths)
         n = prefixes.shape[0]
-        row_ids = self.put_rows(jnp.arange(n * k))
+        row_ids = self.put_rows(np.arange(n * k))
         if not share_prefix:
-            prefixes, lengths, k = jnp.repeat(prefixes, k, 0), jnp.repeat(lengths, k), 1
+            prefixes, lengths, k = np.repeat(prefixes, k, 0), np.repeat(lengths, k), 1
         prefixes, lengths = self.put_rows(prefixes), self.put_rows(lengths)
         prefix, logits = self.prefill(params, prefixes, lengths)
         return self._run(params, prefix, logits, lengths, k, row_ids, seed, max_new, strategy, stop, limit)

@@ -18,7 +18,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from glore_jax import data, prompts
+from glore_jax import data, distributed, prompts
 from glore_jax.errors import ConfigError
 from glore_jax.data.labelled import SyntheticLabelled
 from glore_jax.data.store import RecordsFile
@@ -51,6 +51,23 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
         f.write(tokenizer.serialized)
     os.replace(tmp, path)
     return tokenizer
+
+
+def build_first_on_process_zero(cfg: DataConfig, splits: Sequence[str]) -> None:
+    """Multi-process runs: process 0 builds the TFDS splits and trains the tokenizer, then the others read them.
+
+    Two processes building one dataset directory at once would race; after
+    this, every `task_split` / `load_tokenizer` call only reads.
+    """
+    import jax
+    if jax.process_count() == 1:
+        return
+    if jax.process_index() == 0:
+        load_tokenizer(cfg)
+        for split in splits:
+            if split:
+                task_split(cfg, split)
+    distributed.barrier("data built")
 
 
 def task_split(cfg: DataConfig, split: str) -> Source:

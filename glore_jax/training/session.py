@@ -25,7 +25,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from glore_jax import files
+from glore_jax import distributed, files
 from glore_jax.models import checkpoints as model_checkpoints
 from glore_jax.training import metrics as metrics_lib
 from glore_jax.training.checkpoints import MODEL_DIR, Checkpoints
@@ -178,7 +178,7 @@ class Session:
         self.ckpts.wait()
         workdir = self.run.exp.workdir
         model_checkpoints.save_model(os.path.join(workdir, MODEL_DIR), self.run.model, state.params)
-        stats = dict(data_stats or {})
+        stats = distributed.sum_counts(dict(data_stats or {}))  # each process counted only its own rows
         if stats.get("examples"):
             limits = stats.get("limits", {})  # a source may cut at its own knobs (rl.max_new_tokens)
             for key in ("prompt_truncated", "target_truncated"):
