@@ -1,6 +1,7 @@
 """GLoRe's GSM8K setting with LLaMA-2 7B on a TPU pod (Havrilla et al. 2024, section 4).
 
-    bash launch/tpu_pod.sh <tpu-name> <zone> configs/gsm8k_llama2_7b.py:sorm --config.workdir=/mnt/glore/7b/sorm
+    bash launch/tpu_pod.sh all --name glore-7b --zone <zone> --accelerator v5p-16 --spot \
+        -- --config=configs/gsm8k_llama2_7b.py:sorm --config.workdir=/mnt/glore/7b/sorm
 
 Start from a converted checkpoint (`python -m glore_jax.convert --hf_dir
 Llama-2-7b-hf --out_dir <ckpt>`) and the model's own sentencepiece file; the

@@ -26,9 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from absl import logging
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
@@ -106,13 +104,6 @@ def _initial_model(exp: Experiment, objective: Objective, tokenizer_vocab: int, 
     return (model.replace(**compute) if compute else model), params
 
 
-def _abstract_state(model: ModelConfig, tx, frozen: tuple[str, ...]) -> state_lib.TrainState:
-    params = nn.unbox(models.abstract_params(model))
-    return state_lib.TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
-        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))), frozen={k: params for k in frozen})
-
-
 def _start(exp: Experiment, obj: Objective, mesh: Mesh, tokenizer: Tokenizer, tx,
            init_params) -> tuple[ModelConfig, state_lib.TrainState, dict | None]:
     """(model, state, source state): from the latest checkpoint, or fresh from the initial model."""
@@ -124,7 +115,7 @@ def _start(exp: Experiment, obj: Objective, mesh: Mesh, tokenizer: Tokenizer, tx
         info = ckpts.restore_info(step)
         model = ModelConfig.from_dict(info["model_config"])
         shardings = state_lib.state_shardings(model, tx, mesh, frozen_names)
-        state, data_state, _ = ckpts.restore(step, _abstract_state(model, tx, frozen_names), shardings)
+        state, data_state, _ = ckpts.restore(step, state_lib.abstract_state(model, tx, frozen_names), shardings)
         return model, shardings, state, data_state
 
     try:

@@ -22,7 +22,8 @@ TENSORBOARD_DIR = "tensorboard"
 
 # Dense bf16 peak per chip, TFLOP/s; MFU is an estimate, so the nearest
 # published figure is good enough. Keys are matched against device_kind.
-_PEAK_TFLOPS = (("v6", 918.0), ("v5p", 459.0), ("v5", 197.0), ("v4", 275.0), ("v3", 123.0),
+# v5e's device_kind is "TPU v5 lite", v5p's plain "TPU v5": the lite key must come first.
+_PEAK_TFLOPS = (("v6", 918.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v5", 459.0), ("v4", 275.0), ("v3", 123.0),
                 ("h200", 989.0), ("h100", 989.0), ("a100", 312.0))
 # bf16 with f32 accumulation, measured on the 2-core development machine;
 # CPU MFU is only a sanity check.

@@ -67,6 +67,14 @@ def state_shardings(model: ModelConfig, tx: optax.GradientTransformation, mesh: 
                       frozen={name: p_shard for name in frozen})
 
 
+def abstract_state(model: ModelConfig, tx, frozen: tuple[str, ...]) -> TrainState:
+    """Shapes and dtypes of a train state, for restoring into and for AOT compilation."""
+    params = nn.unbox(abstract_params(model))
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params),
+        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))), frozen={k: params for k in frozen})
+
+
 def put_frozen(trees: dict[str, Any], shardings: TrainState) -> dict[str, Any]:
     # Copies, for the reason `init_state` copies params: the state is donated.
     return {k: jax.device_put(v, shardings.frozen[k], may_alias=False) for k, v in trees.items()}
