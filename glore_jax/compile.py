@@ -159,7 +159,11 @@ def _depth_cost(compiled_at: Callable[[int], Any], layers: int) -> dict[str, flo
     cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)) is exact up to fusion.
     """
     one, two = (cost(compiled_at(n)) for n in (1, 2))
-    return {k: one[k] + (layers - 1) * (two[k] - one[k]) for k in one}
+    # A second layer that costs less than nothing means XLA's cost model is not linear in depth
+    # for this program (seen for the step time of a program over HBM): no estimate, not a wrong one.
+    out = {k: one[k] + (layers - 1) * (two[k] - one[k]) if two[k] >= one[k] else None for k in one}
+    out["layers_1"], out["layers_2"] = one, two
+    return out
 
 
 def report(config, topology: str, *, sampler: bool = True) -> dict[str, Any]:
@@ -182,23 +186,16 @@ def report(config, topology: str, *, sampler: bool = True) -> dict[str, Any]:
                           "offline objectives (sft, orm, sorm, ...): compile those stages of the config")
     model = exp.model.build(_vocab(exp)).replace(heads=obj.heads)
     b, t, n = exp.train.batch_size, exp.data.max_len, len(devices)
-    train_at = lambda n: _train_step(exp, obj, model.replace(num_layers=n), mesh)  # noqa: E731
-    try:
-        full = train_at(model.num_layers)
-    except Exception as e:  # noqa: BLE001 - XLA refuses a program over HBM at compile time
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        return {"topology": topology, "device_kind": kind, "chips": len(devices), "mesh": dict(mesh.shape),
-                "objective": exp.objective, "hbm_gib_per_chip": hbm,
-                "train_step": {"batch": b, "seq_len": t, "grad_accum": exp.train.grad_accum, "fits": False,
-                               "error": str(e).splitlines()[0][:400]}}
-    train = _fit({"batch": b, "seq_len": t, "grad_accum": exp.train.grad_accum, "params": model.num_params(),
-                  "memory": memory(full), "cost": _depth_cost(train_at, model.num_layers),
-                  "model_flops": model.flops_per_token(t) * b * t}, hbm)
-    seconds = train["cost"]["optimal_seconds"]
-    train["estimated_step_seconds"] = seconds
-    train["estimated_mfu"] = train["model_flops"] / (n * peak * seconds) if seconds > 0 else None
-    train["tokens_per_second_per_chip"] = b * t / seconds / n if seconds > 0 else None
+    train_at = lambda layers: _train_step(exp, obj, model.replace(num_layers=layers), mesh)  # noqa: E731
+    train: dict[str, Any] = {"batch": b, "seq_len": t, "grad_accum": exp.train.grad_accum,
+                             "params": model.num_params(), "model_flops": model.flops_per_token(t) * b * t}
+    full = _unless_over_hbm(lambda: train_at(model.num_layers), train)
+    if full is not None:
+        train = _fit({**train, "memory": memory(full), "cost": _depth_cost(train_at, model.num_layers)}, hbm)
+        seconds = train["cost"]["optimal_seconds"] or 0.0
+        train["estimated_step_seconds"] = seconds or None
+        train["estimated_mfu"] = train["model_flops"] / (n * peak * seconds) if seconds > 0 else None
+        train["tokens_per_second_per_chip"] = b * t / seconds / n if seconds > 0 else None
     out: dict[str, Any] = {"topology": topology, "device_kind": kind, "chips": n, "mesh": dict(mesh.shape),
                            "objective": exp.objective, "model": dataclasses.asdict(model), "hbm_gib_per_chip": hbm,
                            "peak_tflops_per_chip": peak / 1e12, "train_step": train,
@@ -210,14 +207,26 @@ def report(config, topology: str, *, sampler: bool = True) -> dict[str, Any]:
         rows = -(-(int(g.sample_rows) if g else b) // m) * m
         prompt_len = int(g.max_prompt_len) if g else t // 2
         max_new = int(g.max_new_tokens) if g else t // 2
-        full, *small = (_sampler(policy.replace(num_layers=n), mesh, rows, prompt_len, max_new)
-                        for n in (policy.num_layers, 1, 2))
         out["sampler"] = {"rows": rows, "prompt_len": prompt_len, "max_new": max_new}
-        for part, key in (("prefill", "cost"), ("decode_loop", "cost_per_token")):
-            out["sampler"][part] = _fit({"memory": memory(full[part]),
-                                         key: _depth_cost(lambda n, part=part: small[n - 1][part], policy.num_layers)},
-                                        hbm)
+        at = lambda layers: _sampler(policy.replace(num_layers=layers), mesh, rows, prompt_len, max_new)  # noqa: E731
+        full = _unless_over_hbm(lambda: at(policy.num_layers), out["sampler"])
+        if full is not None:
+            small = {1: at(1), 2: at(2)}
+            for part, key in (("prefill", "cost"), ("decode_loop", "cost_per_token")):
+                depth = _depth_cost(lambda layers, part=part: small[layers][part], policy.num_layers)
+                out["sampler"][part] = _fit({"memory": memory(full[part]), key: depth}, hbm)
     return out
+
+
+def _unless_over_hbm(compile_fn: Callable[[], Any], entry: dict[str, Any]) -> Any:
+    """compile_fn(), or None with `fits: false` and XLA's message in `entry` when XLA refuses it as over HBM."""
+    try:
+        return compile_fn()
+    except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program over HBM at compile time
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        entry.update(fits=False, error=str(e).splitlines()[0][:400])
+        return None
 
 
 def _fit(entry: dict[str, Any], hbm: float | None) -> dict[str, Any]:
