@@ -159,9 +159,9 @@ def _depth_cost(compiled_at: Callable[[int], Any], layers: int) -> dict[str, flo
     cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)) is exact up to fusion.
     """
     one, two = (cost(compiled_at(n)) for n in (1, 2))
-    # A second layer that costs less than nothing means XLA's cost model is not linear in depth
-    # for this program (seen for the step time of a program over HBM): no estimate, not a wrong one.
-    out = {k: one[k] + (layers - 1) * (two[k] - one[k]) if two[k] >= one[k] else None for k in one}
+    # A second layer that costs less than nothing means XLA's cost model is not linear in depth.
+    # v5e's cost model returns negative step times, even for one layer: those are no estimate at all.
+    out = {k: one[k] + (layers - 1) * (two[k] - one[k]) if two[k] >= one[k] >= 0 else None for k in one}
     out["layers_1"], out["layers_2"] = one, two
     return out
 
@@ -186,12 +186,18 @@ def report(config, topology: str, *, sampler: bool = True) -> dict[str, Any]:
                           "offline objectives (sft, orm, sorm, ...): compile those stages of the config")
     model = exp.model.build(_vocab(exp)).replace(heads=obj.heads)
     b, t, n = exp.train.batch_size, exp.data.max_len, len(devices)
-    train_at = lambda layers: _train_step(exp, obj, model.replace(num_layers=layers), mesh)  # noqa: E731
     train: dict[str, Any] = {"batch": b, "seq_len": t, "grad_accum": exp.train.grad_accum,
                              "params": model.num_params(), "model_flops": model.flops_per_token(t) * b * t}
-    full = _unless_over_hbm(lambda: train_at(model.num_layers), train)
+    full = _unless_over_hbm(lambda: _train_step(exp, obj, model, mesh), train)
     if full is not None:
-        train = _fit({**train, "memory": memory(full), "cost": _depth_cost(train_at, model.num_layers)}, hbm)
+        # Gradient accumulation is a loop too, counted once: cost one micro-batch step, times the count
+        # (the optimizer update, counted that many times, is ~1e-4 of the step's FLOPs).
+        accum = exp.train.grad_accum
+        micro = dataclasses.replace(exp, train=dataclasses.replace(exp.train, batch_size=b // accum, grad_accum=1))
+        per_micro = _depth_cost(lambda layers: _train_step(micro, obj, model.replace(num_layers=layers), mesh),
+                                model.num_layers)
+        step_cost = {k: v * accum if isinstance(v, float) else v for k, v in per_micro.items()}
+        train = _fit({**train, "memory": memory(full), "cost": step_cost}, hbm)
         seconds = train["cost"]["optimal_seconds"] or 0.0
         train["estimated_step_seconds"] = seconds or None
         train["estimated_mfu"] = train["model_flops"] / (n * peak * seconds) if seconds > 0 else None
