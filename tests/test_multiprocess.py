@@ -23,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 60, 10
 ARGS = ["--config=configs/smoke.py", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
         f"--config.stages.policy.total_steps={STEPS}", f"--config.train.checkpoint_every={EVERY}",
-        "--config.train.log_every=1", "--config.glore.stop_after=ei_1_samples"]
+        "--config.train.log_every=1", "--config.glore.stop_after=ei_1_samples",
+        "--config.glore.train_questions=8", "--config.glore.max_new_tokens=24"]
 
 
 def _free_port() -> int:
