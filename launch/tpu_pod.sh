@@ -297,8 +297,7 @@ setup_workers() {
 
 # One line of shell for every worker: unpack over the old tree (keeping its .venv, so a re-setup
 # after a code change takes seconds), make the venv with python3 -m venv, install the package
-# and jax's TPU build. pyproject.toml has no [tpu] extra, so jax[tpu] is named here; pip
-# resolves it together with the project's own jax>=... pin.
+# with its `tpu` extra (jax[tpu]: the libtpu matched to the installed jax).
 install_command() {
   local r py
   r=$(printf '%q' "$REPO_DIR")
@@ -307,7 +306,7 @@ install_command() {
     "tar -xzf glore_jax.tar.gz -C $r; rm -f glore_jax.tar.gz; cd $r; " \
     "command -v $py >/dev/null || { sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $py $py-venv; }; " \
     "[ -x .venv/bin/python ] || $py -m venv .venv; " \
-    ".venv/bin/pip install -q -U pip; .venv/bin/pip install -q -e . 'jax[tpu]'"
+    ".venv/bin/pip install -q -U pip; .venv/bin/pip install -q -e '.[tpu]'"
 }
 
 # ---------------------------------------------------------------------------------------------

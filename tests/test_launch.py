@@ -163,7 +163,7 @@ def test_dry_run_all_two_workers_plan(fake):
     assert "--spot" not in create
     assert option(cmds[1], "--format") == "value(state.state)"
     install = option(cmds[4], "--command")
-    assert "python3.11 -m venv .venv" in install and ".venv/bin/pip install -q -e . 'jax[tpu]'" in install
+    assert "python3.11 -m venv .venv" in install and ".venv/bin/pip install -q -e '.[tpu]'" in install
     run = cmds[5]
     assert option(run, "--worker") == "all" and run[5] == "glore-test"
     command = option(run, "--command")
