@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from benchmarks import tunix_peer  # noqa: E402
 from benchmarks.common import best_time, cpu_info, save  # noqa: E402
 from glore_jax import convert  # noqa: E402
 from glore_jax import models as M  # noqa: E402
@@ -145,6 +146,25 @@ def bench_rollouts(cfg, params, n, k, new, repeats):
             "prefix_sharing_speedup": naive / shared}
 
 
+def bench_tunix(cfg, params, batches, prompt_len, new, repeats) -> dict:
+    """tunix's sampler on the same weights and prompts (`tunix_peer`).
+
+    tunix 0.1.7's Llama-3 attention ignores `config.rope_theta` (it always
+    rotates with 1e6), so both sides run a rope_theta=1e6 copy of the model
+    here: decode speed does not depend on theta, and the greedy check needs
+    the same function on both sides.
+    """
+    tcfg = cfg.replace(rope_theta=1_000_000.0)
+    prompts = {b: _prompts(np.random.default_rng(b), b, prompt_len, cfg.vocab_size) for b in batches}
+    check = prompts[8] if 8 in prompts else next(iter(prompts.values()))
+    greedy = S.sampler_for(tcfg).sample(params, check, np.full((len(check),), prompt_len, np.int32), max_new=new,
+                                        strategy=S.SamplingStrategy(), stop=S.StopCondition())
+    with tempfile.TemporaryDirectory() as d:
+        convert.to_hf(tcfg, params, d)
+        return tunix_peer.bench_decode(d, tcfg, {len(check): check, **prompts}, new, repeats,
+                                       np.asarray(greedy.tokens)[:, :new])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens (< 5 min on 2 cores)")
@@ -177,7 +197,13 @@ def main():
                                      "speedup_vs_no_cache": ours[b] / nocache[b]}
     # The headline is the worst case over the large batches (the ones RL and SORM labelling run).
     results["decode_speedup_vs_hf"] = min(results["decode"][b]["decode_speedup_vs_hf"] for b in ("32", "64"))
-    results["decode_speedup_vs_tunix"] = None  # tunix's sampler is not benchmarked yet (see README)
+    results["decode_speedup_vs_tunix"] = None  # null where tunix does not install (the `bench` extra)
+    if tunix_peer.available():
+        results["tunix"] = bench_tunix(cfg, params, batches, prompt_len, new, repeats)
+        for b in batches:
+            results["decode"][str(b)]["tunix_tokens_per_s"] = results["tunix"]["tokens_per_s"][b]
+            results["decode"][str(b)]["decode_speedup_vs_tunix"] = ours[b] / results["tunix"]["tokens_per_s"][b]
+        results["decode_speedup_vs_tunix"] = min(results["decode"][b]["decode_speedup_vs_tunix"] for b in ("32", "64"))
     results["decode_bf16"] = {"32": {"tokens_per_s": ours_bf16, "hf_tokens_per_s": hf[32, "bfloat16"],
                                      "decode_speedup_vs_hf": ours_bf16 / hf[32, "bfloat16"]}}
     results["rollouts"] = bench_rollouts(cfg, params, n=4, k=8, new=new, repeats=repeats)
@@ -193,6 +219,10 @@ def main():
     r = results["decode_bf16"]["32"]
     print(f"{'32 bf16':>5} {r['tokens_per_s']:>9,.0f} {r['hf_tokens_per_s']:>10,.0f} {'':>10} "
           f"{r['decode_speedup_vs_hf']:>6.2f}x")
+    if "tunix" in results:
+        print(f"tunix sampler, same weights (greedy tokens agree: {results['tunix']['greedy_token_agreement']:.0%}): " +
+              ", ".join(f"batch {b} {r['tunix_tokens_per_s']:,.0f} tok/s ({r['decode_speedup_vs_tunix']:.2f}x)"
+                        for b, r in results["decode"].items()))
     ro = results["rollouts"]
     print(f"rollouts N={ro['n_prefixes']} K={ro['k']} (GSM8K prefixes, mean {ro['prefix_len_mean']:.0f} tokens): "
           f"shared {ro['shared_s']:.3f}s, naive {ro['naive_s']:.3f}s, speedup {ro['prefix_sharing_speedup']:.2f}x")
