@@ -36,7 +36,6 @@ def log(message: str) -> None:
         print(f"[glore] {message}", flush=True)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class StageIO:
     """A running stage's directory and its declared inputs, resolved by name when first read."""
