@@ -205,6 +205,22 @@ def test_threshold_calibration_maximises_validation_glore_accuracy():
     assert s["ci95"]["greedy"][0] < 0.5 < s["ci95"]["greedy"][1]
 
 
+def test_refiners_are_compared_with_a_fresh_sample_and_the_rerank_with_its_auroc():
+    # Row 0: wrong draft, sample 0 right (a resample fixes it); row 1: right draft, sample 0 wrong
+    # (a resample breaks it); rows 2-3: sample 0 agrees with the draft.
+    rows = [_row(False, 0.2, global_ok=True, global_orm=0.9, samples=((True, 0.5),) * 3),
+            _row(True, 0.9, global_ok=False, global_orm=0.1, samples=((False, 0.5),) * 3),
+            _row(False, 0.3, global_ok=False, global_orm=0.4, samples=((False, 0.5),) * 3),
+            _row(True, 0.8, global_ok=True, global_orm=0.3, samples=((True, 0.5),) * 3)]
+    s = inference.summarize(rows, 0.5)
+    assert s["resample_counts"] == {"fixed": 1, "wrong_drafts": 2, "broke": 1, "right_drafts": 2}
+    assert s["resample_fixed_wrong"] == 0.5 and s["resample_broke_right"] == 0.5
+    auc = s["orm_candidate_auroc"]
+    assert auc["draft"] == 1.0                      # right drafts 0.9, 0.8 above wrong 0.2, 0.3
+    assert auc["global"] == 0.75                    # right 0.9, 0.3 vs wrong 0.1, 0.4: 3 of 4 pairs ordered
+    assert np.isnan(auc["local"])                   # every local refinement wrong: undefined
+
+
 def test_where_accuracy_and_label_quality_against_exact_truth():
     truths = [[1, 0, 0], [1, 1, 0], [1, 1, 1]]                 # first wrong: 1, 2, none (ignored)
     probs = [np.array([0.9, 0.2, 0.1]), np.array([0.3, 0.8, 0.1]), np.array([0.9, 0.9, 0.9])]

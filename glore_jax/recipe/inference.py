@@ -140,12 +140,21 @@ def summarize(rows: Sequence[dict], orm_threshold: float) -> dict:
     results["p_vs_greedy"] = {k: v["p_vs_baseline"] for k, v in table.items()}
     results["orm_threshold"] = orm_threshold
     results["refine_rate"] = float(np.mean([r["orm"]["draft"] < orm_threshold for r in rows])) if rows else 0.0
-    for name in ("global", "local"):
-        changed = [(r["correct"]["draft"], r["correct"][name]) for r in rows]
+    # A refiner that ignored the draft would do what a fresh policy sample does: the first
+    # best-of sample (temperature T) is that baseline, so a refiner is worth its cost only if
+    # it fixes more wrong drafts than `resample` does.
+    candidates = {"global": lambda r: r["correct"]["global"], "local": lambda r: r["correct"]["local"],
+                  "resample": lambda r: r["samples_correct"][0]}
+    for name, after_of in candidates.items():
+        changed = [(r["correct"]["draft"], after_of(r)) for r in rows]
         wrong = [after for before, after in changed if not before]
         right = [not after for before, after in changed if before]
         results[f"{name}_fixed_wrong"] = float(np.mean(wrong)) if wrong else 0.0
         results[f"{name}_broke_right"] = float(np.mean(right)) if right else 0.0
         results[f"{name}_counts"] = {"fixed": int(sum(wrong)), "wrong_drafts": len(wrong),
                                      "broke": int(sum(right)), "right_drafts": len(right)}
+    # The rerank can only keep a fix it can tell from a break: the ORM's AUROC on each candidate kind.
+    results["orm_candidate_auroc"] = {
+        name: stats.auroc([r["orm"][name] for r in rows], [r["correct"][name] for r in rows])
+        if len({r["correct"][name] for r in rows}) == 2 else float("nan") for name in ("draft", "global", "local")}
     return results

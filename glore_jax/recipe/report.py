@@ -61,10 +61,16 @@ def markdown(report: Mapping) -> str:
               f"SORM rollout labels against exact truth: precision {_pct(r.get('sorm_label_precision'))}, "
               f"recall {_pct(r.get('sorm_label_recall'))}.", "",
               "| refiner | wrong drafts fixed | right drafts broken |", "| --- | --- | --- |"]
-    for name in ("global", "local"):
+    for name in ("global", "local", "resample"):
         c = r.get(f"{name}_counts", {})
-        lines.append(f"| {name} | {_pct(r.get(f'{name}_fixed_wrong'))} ({c.get('fixed', '?')}/{c.get('wrong_drafts', '?')}) "
+        if not c:
+            continue
+        label = "resample (a policy sample at temperature T, the draft ignored)" if name == "resample" else name
+        lines.append(f"| {label} | {_pct(r.get(f'{name}_fixed_wrong'))} ({c.get('fixed', '?')}/{c.get('wrong_drafts', '?')}) "
                      f"| {_pct(r.get(f'{name}_broke_right'))} ({c.get('broke', '?')}/{c.get('right_drafts', '?')}) |")
+    if r.get("orm_candidate_auroc"):
+        lines += ["", "ORM AUROC (right vs wrong) on each candidate it reranks: " + ", ".join(
+            f"{k} {_num(v)}" for k, v in r["orm_candidate_auroc"].items()) + "."]
     if r.get("refine_pairs_by_source"):
         src = r["refine_pairs_by_source"]
         lines += ["", "Refinement pairs by source: " + "; ".join(
