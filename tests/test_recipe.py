@@ -1,10 +1,13 @@
 """GLoRe recipe logic: SORM labels, refinement pairs, where to refine, reranking."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
 from glore_jax import prompts
-from glore_jax.recipe import inference, refine_data, sorm_labels, value_eval
+from glore_jax.recipe import inference, refine_data, seeds, sorm_labels, value_eval
 from glore_jax.tokenizer import Tokenizer
 
 # A hand-built deterministic "policy": the final answers of its K=2 rollouts,
@@ -230,3 +233,35 @@ def test_where_accuracy_and_label_quality_against_exact_truth():
     # 7 scored labels: TP = 1+1+3 = 5, FP = 1 (pos 1 of row 0), FN = 1 (pos 1 of row 1), TN = 1
     assert q["precision"] == pytest.approx(5 / 6) and q["recall"] == pytest.approx(5 / 6)
     assert q["accuracy"] == pytest.approx(6 / 8) and q["labels"] == 8
+
+
+def _seed_run(root, seed, rows, threshold):
+    """A finished run's two files `recipe.seeds` reads: report.json and the inference rows."""
+    os.makedirs(os.path.join(root, "stages", "inference"))
+    with open(os.path.join(root, "stages", "inference", "test_rows.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    results = {**inference.summarize(rows, threshold),
+               **{f"{m}_{k}": 0.5 for m in ("orm", "sorm") for k in seeds.VALUE_KEYS}}
+    with open(os.path.join(root, "report.json"), "w") as f:
+        json.dump({"seed": seed, "num_test": len(rows), "results": results, "timings": {"a": 60.0}}, f)
+    return str(root)
+
+
+def test_seeds_pool_questions_across_runs_and_table_the_refiners(tmp_path):
+    # Seed 0: GLoRe fixes row 0's wrong draft. Seed 1: GLoRe breaks row 1's right draft.
+    fix = [_row(False, 0.2, global_ok=True, global_orm=0.9, samples=((True, 0.1),) * 3),
+           _row(True, 0.9, samples=((True, 0.1),) * 3)]
+    brk = [_row(False, 0.9), _row(True, 0.2, global_orm=0.9, samples=((False, 0.1),) * 3)]
+    dirs = [_seed_run(tmp_path / "s0", 0, fix, 0.5), _seed_run(tmp_path / "s1", 1, brk, 0.5)]
+    agg = seeds.aggregate(dirs)
+    assert agg["rows"]["greedy"]["per_seed"] == [0.5, 0.5]
+    assert agg["rows"]["glore"]["per_seed"] == [1.0, 0.0]
+    # Pooled over the 4 (seed, question) pairs: one win and one loss for GLoRe, so p = 1.
+    assert agg["pooled_p"]["glore_vs_greedy"] == 1.0
+    assert agg["refiners"]["global_fixed_wrong"] == [1.0, 0.0]
+    assert agg["refiners"]["resample_fixed_wrong"] == [1.0, 0.0]
+    assert agg["refiners"]["resample_broke_right"] == [0.0, 1.0]
+    assert agg["gate"]["refine_rate"] == [0.5, 0.5]
+    md = seeds.markdown(agg)
+    assert "| resample (fresh T sample) | 100.0 / 0.0 | 0.0 / 100.0 | |" in md
+    assert "Wall-clock minutes per seed: 1.0, 1.0" in md

@@ -49,6 +49,10 @@ def aggregate(workdirs: Sequence[str]) -> dict:
         for k in VALUE_KEYS:
             vals = [r["results"][f"{m}_{k}"] for r in reports]
             out["value"][f"{m}_{k}"] = {"per_seed": vals, "mean_ci": stats.mean_ci(vals)}
+    # How the refiners compare with a fresh policy sample (`resample`), and what the gate did.
+    out["refiners"] = {f"{name}_{what}": [r["results"].get(f"{name}_{what}", float("nan")) for r in reports]
+                       for name in ("global", "local", "resample") for what in ("fixed_wrong", "broke_right")}
+    out["gate"] = {k: [r["results"].get(k, float("nan")) for r in reports] for k in ("orm_threshold", "refine_rate")}
     pooled = {k: [x for _, acc in runs for x in acc[k]] for k in names}
     for base in ("greedy", best_of, next(k for k in names if k.startswith("greedy_plus_"))):
         out["pooled_p"][f"glore_vs_{base}"] = stats.mcnemar_exact(pooled[base], pooled["glore"])
@@ -75,6 +79,16 @@ def markdown(agg: dict) -> str:
         mean, lo, hi = v["mean_ci"]
         lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(f"{x:.3f}" for x in v["per_seed"])
                      + f" | {mean:.3f} ({lo:.3f} to {hi:.3f}) |")
+    if agg.get("refiners"):
+        lines += ["", head.replace("| |", "| refiner (% of wrong drafts fixed / right drafts broken) |", 1), sep]
+        for name in ("global", "local", "resample"):
+            fixed, broke = agg["refiners"][f"{name}_fixed_wrong"], agg["refiners"][f"{name}_broke_right"]
+            label = "resample (fresh T sample)" if name == "resample" else name
+            lines.append(f"| {label} | " + " | ".join(f"{pct(f)} / {pct(b)}" for f, b in zip(fixed, broke)) + " | |")
+        gate = agg["gate"]
+        lines += ["", "ORM gate (calibrated on validation): threshold "
+                  + ", ".join(f"{t:.3f}" for t in gate["orm_threshold"]) + "; share of test drafts refined "
+                  + ", ".join(f"{pct(r)}%" for r in gate["refine_rate"])]
     lines += ["", "Wall-clock minutes per seed: " + ", ".join(f"{m:.1f}" for m in agg["minutes"])]
     return "\n".join(lines) + "\n"
 
