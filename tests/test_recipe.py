@@ -263,5 +263,5 @@ def test_seeds_pool_questions_across_runs_and_table_the_refiners(tmp_path):
     assert agg["refiners"]["resample_broke_right"] == [0.0, 1.0]
     assert agg["gate"]["refine_rate"] == [0.5, 0.5]
     md = seeds.markdown(agg)
-    assert "| resample (fresh T sample) | 100.0 / 0.0 | 0.0 / 100.0 | |" in md
+    assert "| resample (fresh T sample) | 100.0 / 0.0 | 0.0 / 100.0 | 50.0 / 50.0 (mean) |" in md
     assert "Wall-clock minutes per seed: 1.0, 1.0" in md

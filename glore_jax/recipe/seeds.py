@@ -84,7 +84,8 @@ def markdown(agg: dict) -> str:
         for name in ("global", "local", "resample"):
             fixed, broke = agg["refiners"][f"{name}_fixed_wrong"], agg["refiners"][f"{name}_broke_right"]
             label = "resample (fresh T sample)" if name == "resample" else name
-            lines.append(f"| {label} | " + " | ".join(f"{pct(f)} / {pct(b)}" for f, b in zip(fixed, broke)) + " | |")
+            lines.append(f"| {label} | " + " | ".join(f"{pct(f)} / {pct(b)}" for f, b in zip(fixed, broke))
+                         + f" | {pct(sum(fixed) / len(fixed))} / {pct(sum(broke) / len(broke))} (mean) |")
         gate = agg["gate"]
         lines += ["", "ORM gate (calibrated on validation): threshold "
                   + ", ".join(f"{t:.3f}" for t in gate["orm_threshold"]) + "; share of test drafts refined "
