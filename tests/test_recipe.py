@@ -211,8 +211,9 @@ def test_threshold_calibration_maximises_validation_glore_accuracy():
 def test_refiners_are_compared_with_a_fresh_sample_and_the_rerank_with_its_auroc():
     # Row 0: wrong draft, sample 0 right (a resample fixes it); row 1: right draft, sample 0 wrong
     # (a resample breaks it); rows 2-3: sample 0 agrees with the draft.
-    rows = [_row(False, 0.2, global_ok=True, global_orm=0.9, samples=((True, 0.5),) * 3),
-            _row(True, 0.9, global_ok=False, global_orm=0.1, samples=((False, 0.5),) * 3),
+    # Samples 1 and 2 disagree with sample 0, so reading another sample changes every count.
+    rows = [_row(False, 0.2, global_ok=True, global_orm=0.9, samples=((True, 0.5), (False, 0.5), (False, 0.5))),
+            _row(True, 0.9, global_ok=False, global_orm=0.1, samples=((False, 0.5), (True, 0.5), (True, 0.5))),
             _row(False, 0.3, global_ok=False, global_orm=0.4, samples=((False, 0.5),) * 3),
             _row(True, 0.8, global_ok=True, global_orm=0.3, samples=((True, 0.5),) * 3)]
     s = inference.summarize(rows, 0.5)
