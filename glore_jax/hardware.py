@@ -1,14 +1,19 @@
 """What this machine computes fastest in, and how XLA should compile training for it.
 
-`model.dtype = "auto"` follows one rule (`fastest_dtype`):
-  TPU, GPU          bfloat16: native there.
-  CPU with AMX-BF16 bfloat16: on such a Xeon (2 cores) a demo-model train step
-                    ran 1.35x its float32 speed (issue 14's measurements).
-  any other CPU     float32. With AVX512-BF16 (the AMD EPYC this was built on)
-                    the step ran about even (13.1k vs 12.7k tokens/s in
-                    `benchmarks/train.py --quick`), so bf16 would cost accuracy
-                    for nothing; AVX2-only CPUs emulate bf16, slower than float32.
-A micro-benchmark was tried instead of the flags and rejected: a one-second
+`model.dtype = "auto"` follows one rule (`dtype_for`):
+  TPU, GPU  bfloat16: native there.
+  any CPU   float32. XLA:CPU's dots do not reach AMX: on a 2-core Xeon with
+            AMX-BF16 (2026-12-01, jax 0.10.2) its bf16 matmuls ran at ~250
+            GFLOP/s against ~340 in float32 (torch's oneDNN: ~2,400 in bf16),
+            a demo-model train step ran at the same speed in both (14.7-15.7k
+            vs 15.2-15.5k tokens/s) and decode at batch 64 slower in bf16
+            (18.8-19.3k vs 23.5-25.2k tokens/s). On the AVX512-BF16 AMD EPYC
+            this was built on, the step ran about even too (13.1k vs 12.7k);
+            AVX2-only CPUs emulate bf16, slower still. So bf16 would cost
+            accuracy for nothing on every CPU measured. (An earlier rule chose
+            bf16 with AMX, from a 1.35x measured before the train step's dots
+            moved to [B*T, E] rows; it no longer holds.)
+A micro-benchmark was tried instead of a rule and rejected: a one-second
 MLP fwd+bwd said bf16 was 1.75x faster on the EPYC, where whole steps are even.
 The pipeline resolves "auto" once per workdir and records it, so a resumed
 run never switches dtype.
@@ -42,9 +47,12 @@ def cpu_bf16_flags() -> list[str]:
     return sorted(set(flags) & {"amx_bf16", "avx512_bf16"})
 
 
+def dtype_for(platform: str) -> str:
+    """The rule: 'bfloat16' on accelerators, 'float32' on every CPU (see the module docstring)."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
 @functools.lru_cache(maxsize=1)
 def fastest_dtype() -> str:
-    """'bfloat16' or 'float32', by the module's rule."""
-    if jax.devices()[0].platform != "cpu":
-        return "bfloat16"
-    return "bfloat16" if "amx_bf16" in cpu_bf16_flags() else "float32"
+    """`dtype_for` this process's devices."""
+    return dtype_for(jax.devices()[0].platform)
