@@ -266,3 +266,24 @@ def test_seeds_pool_questions_across_runs_and_table_the_refiners(tmp_path):
     md = seeds.markdown(agg)
     assert "| resample (fresh T sample) | 100.0 / 0.0 | 0.0 / 100.0 | 50.0 / 50.0 (mean) |" in md
     assert "Wall-clock minutes per seed: 1.0, 1.0" in md
+
+
+def test_refiner_set_is_chosen_on_validation_and_ties_go_to_the_papers_set():
+    # The local refiner breaks the right draft at 0.4 (its 0.9 outranks the draft), the global one
+    # fixes the wrong drafts at 0.2 and 0.5: no gate lets global + local fix 0.5 without breaking
+    # 0.4, so global alone wins, with its own gate above 0.5.
+    rows = [_row(False, 0.2, global_ok=True, global_orm=0.8, local_orm=0.1),
+            _row(True, 0.4, global_ok=True, global_orm=0.3, local_ok=False, local_orm=0.9),
+            _row(False, 0.5, global_ok=True, global_orm=0.8, local_orm=0.1),
+            _row(True, 0.9)]
+    assert inference.calibrate_refiners(rows) == ("global", pytest.approx(0.7))
+    assert inference.calibrate_threshold(rows) == pytest.approx(0.3)      # 3 of 4 at best, lowest gate
+    acc = inference.outcomes(rows, 0.3, ("global", 0.7))
+    assert acc["glore_val_set"] == [True, True, True, True] and acc["glore"] == [True, True, False, True]
+    assert inference.outcomes(rows, 0.7)["glore"] == [True, False, True, True]     # local 0.9 outranks, breaks
+    assert "glore_val_set" not in inference.outcomes(rows, 0.3)
+    s = inference.summarize(rows, 0.3, ("global", 0.7))
+    assert s["val_refiner_set"] == "global" and s["glore_val_set"] == 1.0 and s["glore"] == 0.75
+    # Equal accuracy: the paper's global + local is kept.
+    assert inference.calibrate_refiners([_row(False, 0.2, global_ok=True, global_orm=0.8, local_ok=True,
+                                              local_orm=0.7), _row(True, 0.9)])[0] == "global+local"

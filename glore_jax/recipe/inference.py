@@ -94,8 +94,18 @@ def generate(items: Sequence[tuple[str, str]], *, policy: Generator, global_refi
     return rows
 
 
-def outcomes(rows: Sequence[dict], orm_threshold: float) -> dict[str, list[bool]]:
-    """Per-question correctness of every compared method, refining where the draft's ORM score < threshold."""
+# The candidate sets the rerank may read, the paper's first (it wins ties).
+REFINER_SETS = {"global+local": ("draft", "global", "local"), "global": ("draft", "global"),
+                "local": ("draft", "local")}
+
+
+def outcomes(rows: Sequence[dict], orm_threshold: float,
+             chosen: tuple[str, float] | None = None) -> dict[str, list[bool]]:
+    """Per-question correctness of every compared method, refining where the draft's ORM score < threshold.
+
+    `chosen` (a `REFINER_SETS` name and its own threshold, from `calibrate_refiners`)
+    adds the row `glore_val_set`; `glore` stays the paper's global + local.
+    """
     best_of = len(rows[0]["samples"]) if rows else 3
     acc: dict[str, list[bool]] = {k: [] for k in ("greedy", f"best_of_{best_of}", f"greedy_plus_{best_of - 1}",
                                                   "global", "local", "glore", "oracle", "oracle_any")}
@@ -115,11 +125,18 @@ def outcomes(rows: Sequence[dict], orm_threshold: float) -> dict[str, list[bool]
         acc["glore"].append(pick(["draft", "global", "local"], refine))
         acc["oracle"].append(pick(["draft", "global", "local"], not right["draft"]))
         acc["oracle_any"].append(right["draft"] or right["global"] or right["local"])
+        if chosen is not None:
+            acc.setdefault("glore_val_set", []).append(pick(list(REFINER_SETS[chosen[0]]), score["draft"] < chosen[1]))
     return acc
 
 
-def calibrate_threshold(rows: Sequence[dict]) -> float:
-    """The ORM gate that maximises GLoRe accuracy on `rows` (validation questions, never test).
+def _gate_accuracy(rows: Sequence[dict], threshold: float, names: Sequence[str]) -> float:
+    return float(np.mean([r["correct"][names[rerank([r["orm"][n] for n in names])]]
+                          if r["orm"]["draft"] < threshold else r["correct"]["draft"] for r in rows]))
+
+
+def calibrate_threshold(rows: Sequence[dict], names: Sequence[str] = REFINER_SETS["global+local"]) -> float:
+    """The ORM gate that maximises the accuracy of reranking `names` on `rows` (validation questions, never test).
 
     Candidates are the midpoints between consecutive distinct draft scores
     (plus 0: never refine, and 1: always); ties go to the lower threshold,
@@ -127,18 +144,37 @@ def calibrate_threshold(rows: Sequence[dict]) -> float:
     """
     s = np.unique([r["orm"]["draft"] for r in rows])
     candidates = np.concatenate([[0.0], (s[:-1] + s[1:]) / 2, [1.0 + 1e-9]])
-    accs = [np.mean(outcomes(rows, float(t))["glore"]) for t in candidates]
+    accs = [_gate_accuracy(rows, float(t), names) for t in candidates]
     return float(candidates[int(np.argmax(accs))])
 
 
-def summarize(rows: Sequence[dict], orm_threshold: float) -> dict:
+def calibrate_refiners(rows: Sequence[dict]) -> tuple[str, float]:
+    """Which refiners the rerank reads, and their gate, chosen on `rows` (validation, never test).
+
+    Why: when one refiner breaks most right drafts and the ORM ranks its
+    outputs poorly (our local refiner: 54-65% broken, candidate AUROC ~0.7),
+    its candidates can take away what the other refiner gains. Ties go to the
+    paper's global + local.
+    """
+    best = None
+    for name, names in REFINER_SETS.items():
+        t = calibrate_threshold(rows, names)
+        acc = _gate_accuracy(rows, t, names)
+        if best is None or acc > best[0]:
+            best = (acc, name, t)
+    return best[1], best[2]
+
+
+def summarize(rows: Sequence[dict], orm_threshold: float, chosen: tuple[str, float] | None = None) -> dict:
     """Accuracy, 95% Wilson interval and exact McNemar p against greedy for every row; refine and fix/break."""
-    acc = outcomes(rows, orm_threshold)
+    acc = outcomes(rows, orm_threshold, chosen)
     table = stats.paired_summary(acc, baseline="greedy")
     results: dict = {k: v["acc"] for k, v in table.items()}
     results["ci95"] = {k: v["ci95"] for k, v in table.items()}
     results["p_vs_greedy"] = {k: v["p_vs_baseline"] for k, v in table.items()}
     results["orm_threshold"] = orm_threshold
+    if chosen is not None:
+        results["val_refiner_set"], results["val_refiner_set_threshold"] = chosen
     results["refine_rate"] = float(np.mean([r["orm"]["draft"] < orm_threshold for r in rows])) if rows else 0.0
     # A refiner that ignored the draft would do what a fresh policy sample does: the first
     # best-of sample (temperature T) is that baseline, so a refiner is worth its cost only if

@@ -19,6 +19,8 @@ def row_names(results: Mapping) -> dict[str, str]:
         "global": "Global refinement, ORM-gated + rerank",
         "local": "Local refinement (SORM-located), ORM-gated + rerank",
         "glore": "Global + local, ORM-gated + rerank (GLoRe)",
+        # Only in runs whose calibration chose a refiner set (see inference.calibrate_refiners).
+        **({"glore_val_set": "GLoRe, refiner set and gate chosen on validation"} if "glore_val_set" in results else {}),
         "oracle": "Global + local, oracle gating (refine only wrong drafts)",
         "oracle_any": "Upper bound: draft or any refinement correct",
     }
@@ -49,7 +51,10 @@ def markdown(report: Mapping) -> str:
             interval = f"{_pct(lo_hi[0])} to {_pct(lo_hi[1])}" if lo_hi else "n/a"
             lines.append(f"| {name} | {_pct(r[key])} | {interval} | {_p(pv.get(key)) if key != 'greedy' else ''} |")
     lines += ["", f"The ORM gate refines drafts whose P(correct) is below {_num(r.get('orm_threshold'))} "
-              f"(calibrated on validation questions): {_pct(r.get('refine_rate'))} of test drafts.", "",
+              f"(calibrated on validation questions): {_pct(r.get('refine_rate'))} of test drafts."
+              + (f" On validation, the rerank is best over {r['val_refiner_set']} with its own gate at "
+                 f"{_num(r.get('val_refiner_set_threshold'))} (the `glore_val_set` row)."
+                 if "val_refiner_set" in r else ""), "",
               "| value model | step AUROC | step balanced acc. | step acc. | final AUROC | final acc. | "
               "where-accuracy |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for m in ("orm", "sorm"):

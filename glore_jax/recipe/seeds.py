@@ -31,7 +31,9 @@ def load(workdir: str) -> tuple[dict, dict[str, list[bool]]]:
     stage = os.path.join(workdir, "stages", "inference")
     name = "test_rows.jsonl" if os.path.exists(os.path.join(stage, "test_rows.jsonl")) else "rows.jsonl"  # older runs
     rows = list(RecordsFile(os.path.join(stage, name)))
-    return report, inference.outcomes(rows, report["results"]["orm_threshold"])
+    r = report["results"]
+    chosen = (r["val_refiner_set"], r["val_refiner_set_threshold"]) if "val_refiner_set" in r else None
+    return report, inference.outcomes(rows, r["orm_threshold"], chosen)
 
 
 def aggregate(workdirs: Sequence[str]) -> dict:
@@ -43,7 +45,7 @@ def aggregate(workdirs: Sequence[str]) -> dict:
                  "rows": {}, "value": {}, "pooled_p": {}, "per_seed": [r["results"] for r in reports],
                  "minutes": [sum(r["timings"].values()) / 60 for r in reports]}
     for key in names:
-        vals = [r["results"][key] for r in reports]
+        vals = [r["results"].get(key, float("nan")) for r in reports]  # glore_val_set: newer runs only
         out["rows"][key] = {"per_seed": vals, "mean_ci": stats.mean_ci(vals)}
     for m in ("orm", "sorm"):
         for k in VALUE_KEYS:

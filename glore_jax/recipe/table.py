@@ -103,14 +103,18 @@ def _calibrate(ctx: S.Context, io: StageIO) -> dict:
     records_path(io.dir, "val_rows.jsonl", rows)
     g = ctx.g
     threshold = inference_lib.calibrate_threshold(rows) if g.orm_threshold < 0 else g.orm_threshold
-    return {"orm_threshold": threshold, "val_questions": len(rows),
-            "val_results": {k: v for k, v in inference_lib.summarize(rows, threshold).items() if isinstance(v, float)}}
+    chosen = inference_lib.calibrate_refiners(rows)
+    return {"orm_threshold": threshold, "val_questions": len(rows), "refiner_set": list(chosen),
+            "val_results": {k: v for k, v in inference_lib.summarize(rows, threshold, chosen).items()
+                            if isinstance(v, float)}}
 
 
 def _inference(ctx: S.Context, io: StageIO) -> dict:
     rows = S.inference_rows(ctx, _models(io), ctx.test[:ctx.g.test_questions or None], seed=ctx.seed + 1)
     records_path(io.dir, "test_rows.jsonl", rows)
-    return inference_lib.summarize(rows, io["calibrate.summary"]["orm_threshold"])
+    cal = io["calibrate.summary"]
+    chosen = tuple(cal["refiner_set"]) if "refiner_set" in cal else None  # absent in older workdirs
+    return inference_lib.summarize(rows, cal["orm_threshold"], chosen)
 
 
 def _value_eval(ctx: S.Context, io: StageIO) -> dict:
