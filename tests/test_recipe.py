@@ -158,20 +158,15 @@ def test_sorm_subsample_covers_the_questions_with_right_and_wrong_samples():
 
 def test_local_pairs_from_rollouts_match_a_hand_computed_case():
     labelled = sorm_labels.label_solutions(ITEMS, table_policy, sorm_labels.LabelConfig(k=2, balance=False))
-    # q1: last positive prefix has 1 step; its rollouts "#### 5" (fails) and "#### 10" (verified).
-    # q2 (right) and q3: every step positive, so the prefix is both steps; "#### 1" fails, "#### 4"/"#### 9" verify.
-    expected = [
-        {"question": "q1", "gold": "10", "draft": "a = 1\n#### 5", "bad_step": 1, "target": "a = 1\n#### 10",
-         "source": "rollout"},
-        {"question": "q2", "gold": "4", "draft": "x = 1\ny = 3\n#### 1", "bad_step": 2,
-         "target": "x = 1\ny = 3\n#### 4", "source": "rollout"},
-        {"question": "q3", "gold": "9", "draft": "p = 1\nq = 2\n#### 1", "bad_step": 2,
-         "target": "p = 1\nq = 2\n#### 9", "source": "rollout"},
-    ]
+    # q1: its first negative step is step 1 ("b = 2"): both rollouts of "a = 1\nb = 2" fail ("#### 5"
+    # twice, one draft), and the prefix before it, "a = 1", has the verified rollout "#### 10".
+    # q2 (right) and q3 (only its final line wrong) have no negative step, so no rollout draft.
+    expected = [{"question": "q1", "gold": "10", "draft": "a = 1\nb = 2\n#### 5", "bad_step": 1,
+                 "target": "a = 1\n#### 10", "source": "rollout"}]
     assert refine_data.rollout_pairs(labelled) == expected
     pairs, _ = refine_data.local_pairs(labelled, from_rollouts=True)
-    assert [p["source"] for p in pairs] == ["rollout"] * 3 + ["policy"] * 2       # plus the drafts' own pairs
-    assert refine_data.local_pairs(labelled)[0] == pairs[3:]
+    assert [p["source"] for p in pairs] == ["rollout"] + ["policy"] * 2           # plus the drafts' own pairs
+    assert refine_data.local_pairs(labelled)[0] == pairs[1:]
 
 
 def _row(draft_ok, draft_orm, global_ok=False, global_orm=0.0, local_ok=False, local_orm=0.0,

@@ -44,7 +44,7 @@ def glore_knobs() -> ConfigDict:
     g.balance = True                # balance SORM positives/negatives per step index
     g.global_pairs_per_question = 4
     g.reference_fallback = False    # refinement targets from reference solutions when the policy has none
-    g.local_pairs_from_rollouts = True  # failed SORM rollouts of the last positive prefix pair with verified ones
+    g.local_pairs_from_rollouts = True  # failed rollouts through the first bad step pair with verified ones before it
     g.test_questions = 0            # test questions for inference (0 = all)
     g.val_questions = 200           # train questions carved out (never trained on) to calibrate the ORM gate
     g.orm_threshold = -1.0          # when: refine if ORM P(correct) of the draft is below this; < 0 = calibrate
