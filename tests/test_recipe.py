@@ -282,3 +282,44 @@ def test_refiner_set_is_chosen_on_validation_and_ties_go_to_the_papers_set():
     # Equal accuracy: the paper's global + local is kept.
     assert inference.calibrate_refiners([_row(False, 0.2, global_ok=True, global_orm=0.8, local_ok=True,
                                               local_orm=0.7), _row(True, 0.9)])[0] == "global+local"
+
+
+def test_calculations_hold_reads_every_annotation():
+    assert sorm_labels.calculations_hold("a = <<16-12=4>>4\nb = <<4+15=19>>19\n#### 19")
+    assert not sorm_labels.calculations_hold("a = <<16-12=4>>4\nb = <<4+15=20>>20\n#### 20")
+    assert not sorm_labels.calculations_hold("<<26/3=8>>8")                 # exact: 26/3 is not 8
+    assert sorm_labels.calculations_hold("<<5*0.5=2.5>>2.5 and <<1/3*3=1>>1")
+    assert sorm_labels.calculations_hold("no annotation #### 3")
+    assert sorm_labels.calculations_hold("<<20%*5=1>>1")                  # unreadable: not judged
+
+
+def test_arithmetic_check_drops_rollouts_that_reach_gold_by_a_second_slip():
+    # "a = 16 - 12 = 5" is wrong; both rollouts of the prefix through it reach the gold 19,
+    # one by reusing 5 in a false calculation (5 + 15 = 19), one by computing right from 4.
+    item = ("q", "19", "a = <<16-12=5>>5\nb = <<5+15=20>>20\n#### 20")
+    conts = {0: ["a = <<16-12=4>>4\nb = <<4+15=19>>19\n#### 19"] * 2,
+             1: ["b = <<5+15=19>>19\n#### 19", "b = <<4+15=19>>19\n#### 19"],
+             2: ["#### 19", "#### 19"]}
+
+    def rollout_fn(queries, k):
+        return [conts[prefix.count("\n")][:k] for _, prefix in queries]
+
+    def labelled(**checks):
+        return sorm_labels.label_solutions([item], rollout_fn, sorm_labels.LabelConfig(k=2, balance=False, **checks))[0]
+
+    # Without checks, step 0 verifies (either rollout reaches 19). The intermediate check keeps the
+    # first rollout (it mentions 5); only the arithmetic check rejects it.
+    assert labelled().labels[0] == 1.0
+    assert labelled(check_intermediate=True).verified[1] == [True, False]
+    checked = labelled(check_intermediate=True, check_arithmetic=True)
+    assert checked.verified[1] == [False, False] and checked.labels[0] == 0.0
+    assert checked.verified[0] == [True, True]      # the clean fresh solutions still verify
+    assert sorm_labels.relabel(checked, True, False)[0] == 1.0 and sorm_labels.relabel(checked, True, True)[0] == 0.0
+
+
+def test_global_targets_must_compute_right_with_the_arithmetic_check():
+    slip, clean = "<<16-12=5>>5\n<<5+15=19>>19\n#### 19", "<<16-12=4>>4\n<<4+15=19>>19\n#### 19"
+    groups = [("q", "19", ["#### 7", slip]), ("r", "19", ["#### 7", slip, clean])]
+    assert {p["question"] for p in refine_data.global_pairs(groups)} == {"q", "r"}
+    pairs = refine_data.global_pairs(groups, check_arithmetic=True)
+    assert [(p["question"], p["target"]) for p in pairs] == [("r", clean)]

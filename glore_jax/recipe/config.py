@@ -41,6 +41,7 @@ def glore_knobs() -> ConfigDict:
     g.sorm_solutions = 0            # sampled solutions to label by rollouts (0 = all ORM samples)
     g.sorm_k = 8                    # rollouts per step prefix
     g.check_intermediate = True     # a verifying rollout must reuse the step's result (see README: label precision)
+    g.check_arithmetic = True       # verifying rollouts and refiner targets must compute right (sorm_labels)
     g.balance = True                # balance SORM positives/negatives per step index
     g.global_pairs_per_question = 4
     g.reference_fallback = False    # refinement targets from reference solutions when the policy has none
@@ -73,6 +74,7 @@ class GloreConfig:
     sorm_solutions: int
     sorm_k: int
     check_intermediate: bool
+    check_arithmetic: bool
     balance: bool
     global_pairs_per_question: int
     reference_fallback: bool

@@ -13,6 +13,12 @@ Post-processing:
   * optional intermediate check: a rollout only verifies step i if the
     step's intermediate result reappears in it, so continuations that ignore
     the step and solve from scratch do not vouch for it;
+  * optional arithmetic check: a rollout only verifies if its own calculator
+    annotations `<<expr=value>>` hold. A weak policy often reaches the gold
+    answer after a wrong step by a second, compensating slip ("16 - 12 = 5",
+    then "5 + 15 = 19"); such a rollout says nothing about the step. On the
+    demo's saved rollouts (3 seeds) this raised label precision against exact
+    step truth from 84-95% to 91-98%, for 0.6-2.2 points of recall;
   * balancing: per scorable index, positives and negatives are equalised by
     masking (label -1) a random subset of the majority.
 
@@ -29,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from glore_jax.prompts import num_scorable_positions
-from glore_jax.tasks import annotations, is_correct, parse_number, split_steps
+from glore_jax.tasks import ExpressionError, annotations, evaluate, is_correct, parse_number, split_steps
 
 # (question, prefix text) pairs -> K continuation texts each.
 RolloutFn = Callable[[Sequence[tuple[str, str]], int], list[list[str]]]
@@ -40,6 +46,7 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 class LabelConfig:
     k: int = 8
     check_intermediate: bool = False
+    check_arithmetic: bool = False
     balance: bool = True
     seed: int = 0
 
@@ -117,13 +124,26 @@ def balance(solutions: Sequence[LabelledSolution], seed: int) -> None:
             solutions[s_idx].labels[p] = -1.0
 
 
+def calculations_hold(text: str) -> bool:
+    """Whether every `<<expr=value>>` in `text` computes to its claimed value (unreadable ones are not judged)."""
+    for expr, claimed in annotations(text):
+        value = parse_number(claimed)
+        try:
+            if value is not None and evaluate(expr) != value:
+                return False
+        except ExpressionError:
+            continue
+    return True
+
+
 def verify(steps: Sequence[str], gold: str, rollouts: Sequence[Sequence[str]],
-           check_intermediate: bool) -> list[list[bool]]:
-    """verified[j][r]: rollout r of the j-step prefix reaches `gold` (and reuses step j's result if checked)."""
+           check_intermediate: bool, check_arithmetic: bool = False) -> list[list[bool]]:
+    """verified[j][r]: rollout r of the j-step prefix reaches `gold` (and, if checked, reuses step j's
+    result and computes right)."""
     verified = []
     for j, conts in enumerate(rollouts):
         prefix = prefix_text(steps, j)
-        ok = [is_correct(prefix + c, gold) for c in conts]
+        ok = [is_correct(prefix + c, gold) and (not check_arithmetic or calculations_hold(c)) for c in conts]
         if check_intermediate and j > 0:
             value = step_result(steps[j - 1])
             if value is not None:
@@ -137,9 +157,9 @@ def labels_from_raw(raw: Sequence[bool], solution: str, gold: str) -> list[float
     return [float(x) for x in monotone(raw, is_correct(solution, gold))][:num_scorable_positions(solution)]
 
 
-def relabel(sol: LabelledSolution, check_intermediate: bool) -> list[float]:
-    """The unbalanced labels `sol`'s saved rollouts give with the intermediate check on or off."""
-    raw = [any(v) for v in verify(sol.steps, sol.gold, sol.rollouts, check_intermediate)[1:]]
+def relabel(sol: LabelledSolution, check_intermediate: bool, check_arithmetic: bool = False) -> list[float]:
+    """The unbalanced labels `sol`'s saved rollouts give with each check on or off."""
+    raw = [any(v) for v in verify(sol.steps, sol.gold, sol.rollouts, check_intermediate, check_arithmetic)[1:]]
     return labels_from_raw(raw, sol.solution, sol.gold)
 
 
@@ -179,7 +199,7 @@ def label_solutions(items: Sequence[tuple[str, str, str]], rollout_fn: RolloutFn
     for (question, gold, solution), steps in zip(items, steps_of):
         rollouts = flat[cursor:cursor + len(steps) + 1]
         cursor += len(steps) + 1
-        verified = verify(steps, gold, rollouts, config.check_intermediate)
+        verified = verify(steps, gold, rollouts, config.check_intermediate, config.check_arithmetic)
         raw = [any(v) for v in verified[1:]]       # step i <-> prefix through step i
         out.append(LabelledSolution(question=question, gold=gold, solution=solution, steps=steps,
                                     rollouts=rollouts, verified=verified, raw=raw,

@@ -135,7 +135,7 @@ def label_by_rollouts(ctx: Context, policy: Model, items: Sequence[tuple[str, st
     gen = ctx.generator(policy)
     tok = ctx.tokenizer
     label_cfg = sorm_labels.LabelConfig(k=ctx.g.sorm_k, check_intermediate=ctx.g.check_intermediate,
-                                        balance=False, seed=seed)
+                                        check_arithmetic=ctx.g.check_arithmetic, balance=False, seed=seed)
 
     def shard(chunk, index):
         def rollout_fn(queries, k):
@@ -153,7 +153,7 @@ def refinement_records(ctx: Context, samples: Sequence[dict], labelled: Sequence
     groups = [(r["question"], r["gold"], r["solutions"]) for r in samples]
     refs = {r["question"]: r["answer"] for r in ctx.train if r.get("answer")} if ctx.g.reference_fallback else None
     global_pairs = refine_data.global_pairs(groups, max_per_question=ctx.g.global_pairs_per_question,
-                                            seed=ctx.seed, references=refs)
+                                            seed=ctx.seed, references=refs, check_arithmetic=ctx.g.check_arithmetic)
     local, skipped = refine_data.local_pairs([sorm_labels.LabelledSolution(**r) for r in labelled],
                                              seed=ctx.seed, references=refs,
                                              from_rollouts=ctx.g.local_pairs_from_rollouts)
@@ -177,18 +177,23 @@ def greedy_accuracy(ctx: Context, model: Model, questions: Sequence[dict]) -> fl
 
 
 def label_quality(ctx: Context, labelled: Sequence[dict]) -> dict:
-    """Rollout labels against exact step truth (synthetic task only), with the intermediate check on and off.
+    """Rollout labels against exact step truth (synthetic task only), with each check flipped.
 
-    Both variants are recomputed from the same saved rollouts, before
-    balancing, so they differ only by the check.
+    check_on / check_off: the intermediate check on and off, the arithmetic
+    check as configured; arithmetic_on / arithmetic_off (whichever the run did
+    not use): the other check flipped. Every variant is recomputed from the
+    same saved rollouts, before balancing, so they differ only by the check.
     """
     if ctx.task != "synthetic":
         return {}
     by_question = {r["question"]: r for r in ctx.train}
     sols = [sorm_labels.LabelledSolution(**r) for r in labelled]
     truths = [value_eval.synthetic_truth(by_question[s.question], s.solution) for s in sols]
-    return {f"check_{name}": value_eval.label_quality([sorm_labels.relabel(s, flag) for s in sols], truths)
-            for name, flag in (("on", True), ("off", False))}
+    arith = ctx.g.check_arithmetic
+    variants = {"check_on": (True, arith), "check_off": (False, arith),
+                f"arithmetic_{'off' if arith else 'on'}": (ctx.g.check_intermediate, not arith)}
+    return {name: value_eval.label_quality([sorm_labels.relabel(s, *flags) for s in sols], truths)
+            for name, flags in variants.items()}
 
 
 def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str) -> tuple[dict, str]:
