@@ -254,6 +254,9 @@ def test_seeds_pool_questions_across_runs_and_table_the_refiners(tmp_path):
     assert agg["rows"]["glore"]["per_seed"] == [1.0, 0.0]
     # Pooled over the 4 (seed, question) pairs: one win and one loss for GLoRe, so p = 1.
     assert agg["pooled_p"]["glore_vs_greedy"] == 1.0
+    assert agg["pooled_p_vs_greedy"]["glore"] == 1.0 and "greedy" not in agg["pooled_p_vs_greedy"]
+    # best of 3: seed 0 keeps row 0 right (sample right) and row 1 right; seed 1 loses row 1 -> 1 win, 1 loss
+    assert agg["pooled_p_vs_greedy"]["best_of_3"] == 1.0
     assert agg["refiners"]["global_fixed_wrong"] == [1.0, 0.0]
     assert agg["refiners"]["resample_fixed_wrong"] == [1.0, 0.0]
     assert agg["refiners"]["resample_broke_right"] == [0.0, 1.0]
@@ -261,6 +264,7 @@ def test_seeds_pool_questions_across_runs_and_table_the_refiners(tmp_path):
     md = seeds.markdown(agg)
     assert "| resample (fresh T sample) | 100.0 / 0.0 | 0.0 / 100.0 | 50.0 / 50.0 (mean) |" in md
     assert "Wall-clock minutes per seed: 1.0, 1.0" in md
+    assert "| Global + local, ORM-gated + rerank (GLoRe) | 100.0 | 0.0 | 50.0 (" in md and ") | 1 |" in md
 
 
 def test_refiner_set_is_chosen_on_validation_and_ties_go_to_the_papers_set():
