@@ -59,7 +59,9 @@ def test_rl_logs_its_metrics_and_resumes_exactly_after_kill_9(warm_policy, tmp_p
     assert 0 < np.mean(rewards) < 1, rewards      # the group baseline has something to subtract
     assert any(abs(r["loss"]) > 1e-6 for r in straight) and all(r["kl"] == r["kl"] for r in straight)
     assert abs(straight[0]["kl"]) < 1e-6          # step 1 samples the reference itself
-    assert straight[0]["ratio"] == 1.0 and straight[1]["ratio"] != 1.0   # step 2 reuses step 1's rollouts
+    # Step 1 trains the weights that sampled its rollouts: its ratio is 1 up to float32 rounding (the
+    # sampling-time and training forwards are separate XLA programs). Step 2 reuses them after an update.
+    assert abs(straight[0]["ratio"] - 1.0) < 1e-6 and abs(straight[1]["ratio"] - 1.0) > 1e-5
     for key in LOGGED[objective]:
         assert key in straight[-1], key
 
