@@ -267,6 +267,16 @@ def test_seeds_pool_questions_across_runs_and_table_the_refiners(tmp_path):
     assert "| Global + local, ORM-gated + rerank (GLoRe) | 100.0 | 0.0 | 50.0 (" in md and ") | 1 |" in md
 
 
+def test_seeds_test_every_row_against_greedy_on_its_own_outcomes(tmp_path):
+    # Four wrong drafts that the global refiner fixes, two right ones kept: GLoRe wins 4 discordant
+    # pairs (exact p = 2 * 0.5**4), while best of 3 equals greedy question by question (p = 1).
+    rows = [_row(False, 0.2, global_ok=True, global_orm=0.9)] * 4 + [_row(True, 0.9, samples=((True, 0.1),) * 3)] * 2
+    agg = seeds.aggregate([_seed_run(tmp_path / "s0", 0, rows, 0.5)])
+    assert agg["pooled_p_vs_greedy"]["glore"] == 0.125
+    assert agg["pooled_p_vs_greedy"]["best_of_3"] == 1.0
+    assert "| Global + local, ORM-gated + rerank (GLoRe) | 100.0 |" in seeds.markdown(agg)
+
+
 def test_refiner_set_is_chosen_on_validation_and_ties_go_to_the_papers_set():
     # The local refiner breaks the right draft at 0.4 (its 0.9 outranks the draft), the global one
     # fixes the wrong drafts at 0.2 and 0.5: no gate lets global + local fix 0.5 without breaking
