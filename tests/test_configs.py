@@ -33,3 +33,30 @@ def test_gsm8k_presets_keep_the_papers_sampling_budget():
     for name in ("gsm8k_llama2_7b", "gsm8k_llama2_13b"):
         g = _load(next(p for p in CONFIGS if p.stem == name)).get_config().glore
         assert (g.ei_k, g.sorm_k, g.ei_from_base, g.reference_fallback) == (96, 8, True, False)
+
+
+def test_value_model_wiring_follows_the_knobs():
+    """The SORM starts from the model `glore.sorm_init` names; with `glore.rerank_orm` the gate and the
+    rerank read the fine-tuned ORM while value_eval still compares the ORM the SORM is measured against."""
+    from glore_jax.errors import ConfigError
+    from glore_jax.recipe.config import GloreConfig
+    from glore_jax.recipe.table import stage_table
+    base = _load(next(p for p in CONFIGS if p.stem == "smoke")).get_config().glore.to_dict()
+
+    def table(**knobs):
+        stages, aliases = stage_table(GloreConfig(**{**base, **knobs}))
+        return {s.name: s for s in stages}, aliases
+
+    stages, aliases = table(sorm_init="orm", rerank_orm=False)
+    assert "orm" in stages["sorm"].reads and "policy_final" not in stages["sorm"].reads
+    assert aliases["orm_final"] == "orm" and "rerank_orm" not in stages
+    stages, aliases = table(sorm_init="policy", rerank_orm=True)
+    assert "policy_final" in stages["sorm"].reads and "orm" not in stages["sorm"].reads
+    assert aliases["orm_final"] == "rerank_orm"
+    names = list(stages)
+    assert names.index("local_refiner") < names.index("rerank_data") < names.index("rerank_orm") < names.index("calibrate")
+    assert "orm" in stages["rerank_orm"].reads and "rerank_records.jsonl" in stages["rerank_orm"].reads
+    assert "orm_final" in stages["calibrate"].reads and "orm_final" in stages["inference"].reads
+    assert "orm" in stages["value_eval"].reads
+    with pytest.raises(ConfigError, match="sorm_init"):
+        GloreConfig(**{**base, "sorm_init": "ORM"})

@@ -337,3 +337,55 @@ def test_global_targets_must_compute_right_with_the_arithmetic_check():
     assert {p["question"] for p in refine_data.global_pairs(groups)} == {"q", "r"}
     pairs = refine_data.global_pairs(groups, check_arithmetic=True)
     assert [(p["question"], p["target"]) for p in pairs] == [("r", clean)]
+
+
+class _ScriptedRefiner:
+    """A Generator stand-in: answers each prompt by what its decoded text contains (greedy, one completion)."""
+
+    def __init__(self, tok, answer):
+        self.tokenizer, self.answer, self.prompts = tok, answer, []
+
+    def complete(self, ids, k=1, **_):
+        texts = [self.tokenizer.decode(p) for p in ids]
+        self.prompts += texts
+        return [[self.answer(self.tokenizer, t)] * k for t in texts]
+
+
+class _FixedSorm:
+    def __init__(self, values):
+        self.values = values
+
+    def step_probs(self, items):
+        return [np.asarray(self.values[q]) for q, _ in items]
+
+
+def test_rerank_candidates_are_graded_refinements_marked_where_the_sorm_drops(tmp_path, shared_dir):
+    """The rerank ORM's data: each draft refined globally and locally (marked at the SORM's first value
+    under the threshold), graded against gold, then the replayed ORM records."""
+    import types
+
+    from glore_jax.recipe import stages
+    tok = Tokenizer.load(shared_dir / "tokenizers" / "mistral-7b-v0.1" / "tokenizer.model")
+    drafts = [{"question": "q1", "gold": "10", "solution": "a = 1\nb = 2\nc = 3\n#### 7", "correct": False},
+              {"question": "q2", "gold": "4", "solution": "x = 1\ny = 3\n#### 4", "correct": True}]
+    glob = _ScriptedRefiner(tok, lambda t, p: "z = 9\n#### 10" if "q1" in p else "#### 5")
+    local = _ScriptedRefiner(tok, lambda t, p: "b = 4\n#### 10" if "q1" in p else "y = 3\n#### 4")
+    sorm = _FixedSorm({"q1": [0.9, 0.3, 0.2, 0.1], "q2": [0.8, 0.7, 0.6]})
+    ctx = types.SimpleNamespace(generator=lambda m: m, scorer=lambda m: m,
+                                g=types.SimpleNamespace(sorm_threshold=0.5, shard_size=1))
+    replay = [{"question": "q3", "gold": "1", "solution": "#### 1", "correct": True}]
+    out = stages.refinement_candidates(ctx, {"global_refiner": glob, "local_refiner": local, "sorm": sorm},
+                                       drafts, str(tmp_path), replay)
+    by = {(r["source"], r["question"]): r for r in out}
+    assert len(out) == 5 and by[("replay", "q3")]["correct"] is True
+    assert by[("global", "q1")]["correct"] is True and by[("global", "q2")]["correct"] is False
+    # q1: first value under 0.5 is step 1, so the draft's step 0 is kept and the fix continues from there.
+    assert by[("local", "q1")]["solution"] == "a = 1\nb = 4\n#### 10" and by[("local", "q1")]["correct"] is True
+    # q2: no value under 0.5, so the lowest (the final line, index 2) is marked; both steps are kept.
+    assert by[("local", "q2")]["solution"] == "x = 1\ny = 3\ny = 3\n#### 4"
+    assert all(r["draft_correct"] == d["correct"] for d in drafts for r in out
+               if r["question"] == d["question"] and r["source"] != "replay")
+    marked = {p.split("[DRAFT]")[0]: p.split("[DRAFT]")[1] for p in local.prompts}
+    assert marked["q1"].replace(" ", "").startswith("a=1\n[BAD]b=2"), marked["q1"]
+    assert marked["q2"].replace(" ", "").startswith("x=1\ny=3\n[BAD]####4"), marked["q2"]
+    assert len(list(tmp_path.glob("shard_*.jsonl"))) == 2  # resumable: one shard per draft here

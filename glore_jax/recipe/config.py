@@ -27,7 +27,14 @@ TRAINED_STAGES = {
     "global_refiner": ("sft", "global_refiner"),
     "local_refiner": ("sft", "local_refiner"),
     "rl": ("grpo", ""),               # optional (glore.rl_stage): GRPO on the final policy
+    "rerank_orm": ("orm", ""),        # optional (glore.rerank_orm): the ORM fine-tuned on refinements
 }
+# Steps and learning rate of the optional stages when a config does not set them.
+OPTIONAL_STAGES = {"rl": (100, 1e-4), "rerank_orm": (150, 5e-4)}
+
+
+# glore.sorm_init -> the model the SORM stage starts from (a stage artefact name).
+SORM_INITS = {"policy": "policy_final", "orm": "orm"}
 
 
 def glore_knobs() -> ConfigDict:
@@ -43,6 +50,7 @@ def glore_knobs() -> ConfigDict:
     g.check_intermediate = True     # a verifying rollout must reuse the step's result (see README: label precision)
     g.check_arithmetic = True       # verifying rollouts and refiner targets must compute right (sorm_labels)
     g.balance = True                # balance SORM positives/negatives per step index
+    g.sorm_init = "policy"          # the SORM's starting weights: "policy" (the paper) or "orm" (a warm start)
     g.global_pairs_per_question = 4
     g.reference_fallback = False    # refinement targets from reference solutions when the policy has none
     g.local_pairs_from_rollouts = True  # failed rollouts through the first bad step pair with verified ones before it
@@ -56,6 +64,8 @@ def glore_knobs() -> ConfigDict:
     g.max_prompt_len = 256          # refiner prompts hold question + draft; see data.max_len
     g.sample_rows = 64              # sequences per compiled sampler call
     g.shard_size = 128              # questions per resumable output shard of a sampling stage
+    g.rerank_orm = False            # fine-tune the ORM on graded refinements before it gates and reranks
+    g.rerank_drafts = 1024          # ORM samples refined (globally and locally) for that fine-tuning
     g.rl_stage = False              # GRPO (rl.* knobs, stages.rl) on the EI policy; its result is the policy refined
     g.stop_after = ""               # run the stages up to and including this one, then stop ("" = all)
     return g
@@ -76,6 +86,7 @@ class GloreConfig:
     check_intermediate: bool
     check_arithmetic: bool
     balance: bool
+    sorm_init: str
     global_pairs_per_question: int
     reference_fallback: bool
     local_pairs_from_rollouts: bool
@@ -89,8 +100,14 @@ class GloreConfig:
     max_prompt_len: int
     sample_rows: int
     shard_size: int
+    rerank_orm: bool
+    rerank_drafts: int
     rl_stage: bool
     stop_after: str = ""
+
+    def __post_init__(self):
+        if self.sorm_init not in SORM_INITS:
+            raise ConfigError(f"glore.sorm_init must be one of {sorted(SORM_INITS)}, got {self.sorm_init!r}")
 
     @classmethod
     def from_config(cls, glore: ConfigDict) -> "GloreConfig":
@@ -102,11 +119,12 @@ def add_pipeline(config: ConfigDict, steps: dict[str, tuple], **knobs) -> Config
 
     steps: stage -> (total_steps, learning_rate[, max_len]); max_len defaults
     to data.max_len (refiner inputs hold a draft too, so they need more).
-    "rl" is optional (100 steps at 1e-4 when absent); it runs only with glore.rl_stage.
+    "rl" and "rerank_orm" are optional (`OPTIONAL_STAGES` when absent); they run only with
+    glore.rl_stage and glore.rerank_orm.
     """
     config.stages = ConfigDict()
     for name, (objective, prompt_format) in TRAINED_STAGES.items():
-        total_steps, lr, *rest = steps[name] if name in steps or name != "rl" else (100, 1e-4)
+        total_steps, lr, *rest = steps[name] if name in steps or name not in OPTIONAL_STAGES else OPTIONAL_STAGES[name]
         config.stages[name] = ConfigDict({"objective": objective, "prompt_format": prompt_format,
                                           "total_steps": total_steps, "learning_rate": lr,
                                           "max_len": rest[0] if rest else config.data.max_len})

@@ -52,6 +52,28 @@ def first_bad_step(step_probs: np.ndarray, threshold: float) -> int:
     return int(below[0]) if len(below) else int(np.argmin(step_probs))
 
 
+def refine(questions: Sequence[str], drafts: Sequence[str], *, global_refiner: Generator,
+           local_refiner: Generator, sorm: ValueScorer, sorm_threshold: float) -> dict[str, list]:
+    """Where and how: the SORM's step values and marked step, and a global and a local refinement of each draft."""
+    tok = global_refiner.tokenizer
+    sorm_steps = sorm.step_probs(list(zip(questions, drafts)))
+    bad_steps = [min(first_bad_step(p, sorm_threshold), prompts.num_scorable_positions(d) - 1)
+                 for p, d in zip(sorm_steps, drafts)]
+    global_out = [c[0] for c in global_refiner.complete(
+        [prompts.get("global_refiner").prompt(tok, {"question": q, "draft": d}) for q, d in zip(questions, drafts)])]
+    local_prompts, local_ok = [], []
+    for q, d, b in zip(questions, drafts, bad_steps):
+        ok = prompts.num_scorable_positions(d) > 0
+        local_ok.append(ok)
+        # A draft with no recognisable lines cannot be marked; its local refinement is a fresh solution.
+        local_prompts.append(prompts.get("local_refiner" if ok else "policy").prompt(
+            tok, {"question": q, "draft": d, "bad_step": b} if ok else {"question": q}))
+    local_cont = [c[0] for c in local_refiner.complete(local_prompts)]
+    local_out = [prompts.splice_local(d, b, c) if ok else c
+                 for d, b, c, ok in zip(drafts, bad_steps, local_cont, local_ok)]
+    return {"sorm_steps": sorm_steps, "bad_steps": bad_steps, "global": global_out, "local": local_out}
+
+
 def generate(items: Sequence[tuple[str, str]], *, policy: Generator, global_refiner: Generator,
              local_refiner: Generator, orm: ValueScorer, sorm: ValueScorer, config: InferenceConfig,
              seed: int = 0) -> list[dict]:
@@ -61,22 +83,9 @@ def generate(items: Sequence[tuple[str, str]], *, policy: Generator, global_refi
     policy_prompts = [prompts.get("policy").prompt(tok, {"question": q}) for q in questions]
     drafts = [c[0] for c in policy.complete(policy_prompts)]
     samples = policy.complete(policy_prompts, k=config.best_of, temperature=config.temperature, seed=seed)
-
-    sorm_steps = sorm.step_probs(list(zip(questions, drafts)))
-    bad_steps = [min(first_bad_step(p, config.sorm_threshold), prompts.num_scorable_positions(d) - 1)
-                 for p, d in zip(sorm_steps, drafts)]
-    global_out = [c[0] for c in global_refiner.complete(
-        [prompts.get("global_refiner").prompt(tok, {"question": q, "draft": d}) for q, d in zip(questions, drafts)])]
-    local_prompts, local_ok = [], []
-    for i, (q, d, b) in enumerate(zip(questions, drafts, bad_steps)):
-        ok = prompts.num_scorable_positions(d) > 0
-        local_ok.append(ok)
-        # A draft with no recognisable lines cannot be marked; its local refinement is a fresh solution.
-        local_prompts.append(prompts.get("local_refiner").prompt(tok, {"question": q, "draft": d, "bad_step": b})
-                             if ok else policy_prompts[i])
-    local_cont = [c[0] for c in local_refiner.complete(local_prompts)]
-    local_out = [prompts.splice_local(d, b, c) if ok else c
-                 for d, b, c, ok in zip(drafts, bad_steps, local_cont, local_ok)]
+    refined = refine(questions, drafts, global_refiner=global_refiner, local_refiner=local_refiner, sorm=sorm,
+                     sorm_threshold=config.sorm_threshold)
+    sorm_steps, bad_steps, global_out, local_out = (refined[k] for k in ("sorm_steps", "bad_steps", "global", "local"))
 
     scores = {name: orm.final_probs(list(zip(questions, sols)))
               for name, sols in (("draft", drafts), ("global", global_out), ("local", local_out))}

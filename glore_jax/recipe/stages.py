@@ -160,6 +160,31 @@ def refinement_records(ctx: Context, samples: Sequence[dict], labelled: Sequence
     return global_pairs, local, skipped
 
 
+def refinement_candidates(ctx: Context, models: dict[str, Model], drafts: Sequence[dict], stage_dir: str,
+                          replay: Sequence[dict]) -> list[dict]:
+    """ORM records for the candidates the rerank reads: global and local refinements of `drafts`, graded.
+
+    drafts: ORM records (policy samples of train questions). The ORM was trained on
+    policy samples only, yet it reranks refinements; a local refinement keeps the
+    draft's prefix and differs in a few lines, which such an ORM ranks poorly
+    (README: candidate AUROC). `replay` (ORM records, as many as the candidates)
+    keeps the fine-tuned ORM's scores of drafts, which the gate reads, in place.
+    """
+    refiners = {k: ctx.generator(models[k]) for k in ("global_refiner", "local_refiner")}
+    sorm = ctx.scorer(models["sorm"])
+
+    def shard(chunk, index):
+        del index
+        out = inference_lib.refine([r["question"] for r in chunk], [r["solution"] for r in chunk],
+                                   global_refiner=refiners["global_refiner"], local_refiner=refiners["local_refiner"],
+                                   sorm=sorm, sorm_threshold=ctx.g.sorm_threshold)
+        return [{"question": r["question"], "gold": r["gold"], "solution": sol, "correct": is_correct(sol, r["gold"]),
+                 "source": kind, "draft_correct": r["correct"]}
+                for kind in ("global", "local") for r, sol in zip(chunk, out[kind])]
+    candidates = sharded(stage_dir, drafts, shard, ctx.g.shard_size, label="refinements")
+    return candidates + [{**r, "source": "replay"} for r in replay]
+
+
 def inference_rows(ctx: Context, models: dict[str, Model], questions: Sequence[dict], seed: int) -> list[dict]:
     """Every candidate of `inference.generate` for these questions (validation or test)."""
     cfg = InferenceConfig(sorm_threshold=ctx.g.sorm_threshold, best_of=ctx.g.best_of, temperature=ctx.g.temperature)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import random
 from collections import Counter
 from collections.abc import Callable
 
 from glore_jax.data.store import RecordsFile
 from glore_jax.recipe import inference as inference_lib, report as report_lib, sorm_labels, stages as S
-from glore_jax.recipe.config import GloreConfig
+from glore_jax.recipe.config import SORM_INITS, GloreConfig
 from glore_jax.recipe.workspace import StageIO, records_path, truncation_warnings
 
 
@@ -90,12 +91,26 @@ def _refine_data(ctx: S.Context, io: StageIO) -> dict:
             "local_skipped": skipped}
 
 
-MODELS = ("policy_final", "orm", "sorm", "global_refiner", "local_refiner")
+def _rerank_data(ctx: S.Context, io: StageIO) -> dict:
+    orm_records = list(RecordsFile(io["orm_records.jsonl"]))
+    drafts = sorm_labels.subsample(orm_records, ctx.g.rerank_drafts, seed=ctx.seed + 7)
+    replay = random.Random(ctx.seed + 8).sample(orm_records, min(len(orm_records), 2 * len(drafts)))
+    records = S.refinement_candidates(ctx, _models(io, ("global_refiner", "local_refiner", "sorm")), drafts, io.dir,
+                                      replay)
+    records_path(io.dir, "rerank_records.jsonl", records)
+    counts = {kind: {"candidates": sum(r["source"] == kind for r in records),
+                     "correct": sum(r["correct"] for r in records if r["source"] == kind)}
+              for kind in ("global", "local", "replay")}
+    return {"drafts": len(drafts), "wrong_drafts": sum(not r["correct"] for r in drafts), "by_source": counts}
+
+
+MODELS = ("policy_final", "orm_final", "sorm", "global_refiner", "local_refiner")
 VALUE_EVAL_MODELS = ("policy_final", "orm", "sorm")
 
 
 def _models(io: StageIO, names: tuple[str, ...] = MODELS) -> dict:
-    return {("policy" if m == "policy_final" else m): io[m] for m in names}
+    """Stage artefacts by the role inference reads them in (the final policy is `policy`, the final ORM `orm`)."""
+    return {{"policy_final": "policy", "orm_final": "orm"}.get(m, m): io[m] for m in names}
 
 
 def _calibrate(ctx: S.Context, io: StageIO) -> dict:
@@ -183,7 +198,7 @@ def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
     if g.rl_stage:
         table.append(_train("rl", "rl", "GRPO (rl.*) from the EI policy on the train questions", None, final))
         final = "rl"
-    aliases = {"policy_final": final}
+    aliases = {"policy_final": final, "orm_final": "rerank_orm" if g.rerank_orm else "orm"}
     table += [
         Stage(name="orm_samples", does="the final policy's samples, labelled by final answer", run=_orm_samples,
               reads=("policy_final",), writes=("orm_records.jsonl",)),
@@ -191,12 +206,24 @@ def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
         Stage(name="sorm_labels", does="K rollouts per step prefix of a subsample across questions -> step labels",
               run=_sorm_labels, reads=("orm_records.jsonl", "policy_final"),
               writes=("sorm_labels.jsonl", "sorm_records.jsonl")),
-        _train("sorm", "sorm", "value model from the policy, SORM step labels", "sorm_records.jsonl", "policy_final"),
+        # glore.sorm_init="orm" warm-starts it from the ORM: the demo labels 768 solutions, a tenth of the ORM's data.
+        _train("sorm", "sorm", f"value model from the {g.sorm_init}, SORM step labels", "sorm_records.jsonl",
+               SORM_INITS[g.sorm_init]),
         Stage(name="refine_data", does="global pairs (wrong -> right) and local pairs ([BAD] -> verified rollout)",
               run=_refine_data, reads=("orm_records.jsonl", "sorm_labels.jsonl"),
               writes=("global_records.jsonl", "local_records.jsonl")),
         _train("global_refiner", "global_refiner", "SFT on global pairs", "global_records.jsonl", "policy_final"),
         _train("local_refiner", "local_refiner", "SFT on local pairs", "local_records.jsonl", "policy_final"),
+    ]
+    if g.rerank_orm:
+        table += [
+            Stage(name="rerank_data", does="global and local refinements of ORM samples, graded, plus replayed "
+                  "ORM records", run=_rerank_data,
+                  reads=("orm_records.jsonl", "global_refiner", "local_refiner", "sorm"),
+                  writes=("rerank_records.jsonl",)),
+            _train("rerank_orm", "rerank_orm", "the ORM fine-tuned on those: the gate and rerank read it",
+                   "rerank_records.jsonl", "orm")]
+    table += [
         Stage(name="calibrate", does="every candidate on the validation questions -> the ORM gate's threshold",
               run=_calibrate, reads=MODELS, writes=("val_rows.jsonl",)),
         Stage(name="inference", does="greedy draft; ORM decides when, SORM where; global + local; ORM rerank",
