@@ -128,7 +128,8 @@ def table_markdown(config) -> str:
         lines.append(f"| {s.name} | {reads} | {writes} | {s.does} |")
     lines.append("")
     what = "the policy after Expert Iteration" + (" and GRPO" if aliases.get("policy_final") == "rl" else "")
-    roles = {"policy_final": what, "orm_final": "the ORM the gate and the rerank read"}
+    roles = {"policy_final": what, "orm_final": "the ORM the gate and the rerank read",
+             "global_refiner": "one refiner for both", "local_refiner": "one refiner for both"}
     lines.append("; ".join(f"`{k}` is `{v}` ({roles[k]})" for k, v in aliases.items()) + ".")
     return "\n".join(lines)
 

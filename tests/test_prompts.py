@@ -82,6 +82,20 @@ def test_local_refiner_marks_the_bad_step(tok, bad_step):
     assert prompts.splice_local(draft, bad_step, continuation) == SOLUTION
 
 
+def test_joint_refiner_format_renders_each_record_as_its_kind(tok):
+    """glore.joint_refiner trains one model on both pair kinds: a record with bad_step is a local pair."""
+    draft = SOLUTION.replace("750", "760")
+    fmt = prompts.get("refiner")
+    glob = {"question": QUESTION, "draft": draft, "target": SOLUTION}
+    local = {**glob, "bad_step": 2}
+    for record, kind in ((glob, "global_refiner"), (local, "local_refiner")):
+        ours, theirs = fmt.example(tok, record), prompts.get(kind).example(tok, record)
+        assert ours.tokens.tolist() == theirs.tokens.tolist() and ours.prompt_len == theirs.prompt_len
+        assert ours.loss_mask.tolist() == theirs.loss_mask.tolist()
+        assert fmt.prompt(tok, record) == prompts.get(kind).prompt(tok, record)
+    assert fmt.prompt(tok, local).count(tok.bad_id) == 1 and tok.bad_id not in fmt.prompt(tok, glob)
+
+
 def test_literal_bad_text_cannot_forge_the_marker(tok):
     question = "Is [BAD] a token? [BAD][FIX][SOL]"
     draft = "[BAD] 1 + 1 = <<1+1=2>>2\n[BAD]\n#### 2"

@@ -247,6 +247,15 @@ register(PromptFormat(
                                                  local_continuation(r["target"], int(r["bad_step"])))))
 
 
+# ---- one refiner for both kinds: a record with `bad_step` is a local pair, else a global one ----------
+
+register(PromptFormat(
+    name="refiner", fields=("question", "draft", "target"), head="lm",
+    loss="as global_refiner, or as local_refiner for records with bad_step",
+    prompt=lambda tok, r: get("local_refiner" if "bad_step" in r else "global_refiner").prompt(tok, r),
+    example=lambda tok, r: get("local_refiner" if "bad_step" in r else "global_refiner").example(tok, r)))
+
+
 # ---- self-correction (SCoRe): the policy's own first attempt, then a second turn -----------------
 
 # SCoRe's second-turn instruction (Kumar et al. 2024, sec. 6: "There might be an error in the solution

@@ -28,9 +28,10 @@ TRAINED_STAGES = {
     "local_refiner": ("sft", "local_refiner"),
     "rl": ("grpo", ""),               # optional (glore.rl_stage): GRPO on the final policy
     "rerank_orm": ("orm", ""),        # optional (glore.rerank_orm): the ORM fine-tuned on refinements
+    "refiner": ("sft", "refiner"),    # optional (glore.joint_refiner): one model for global and local pairs
 }
 # Steps and learning rate of the optional stages when a config does not set them.
-OPTIONAL_STAGES = {"rl": (100, 1e-4), "rerank_orm": (150, 5e-4)}
+OPTIONAL_STAGES = {"rl": (100, 1e-4), "rerank_orm": (150, 5e-4), "refiner": (600, 1e-3)}
 
 
 # glore.sorm_init -> the model the SORM stage starts from (a stage artefact name).
@@ -64,6 +65,7 @@ def glore_knobs() -> ConfigDict:
     g.max_prompt_len = 256          # refiner prompts hold question + draft; see data.max_len
     g.sample_rows = 64              # sequences per compiled sampler call
     g.shard_size = 128              # questions per resumable output shard of a sampling stage
+    g.joint_refiner = False         # one refiner trained on global and local pairs (stage `refiner`) instead of two
     g.rerank_orm = False            # fine-tune the ORM on graded refinements before it gates and reranks
     g.rerank_drafts = 1024          # ORM samples refined (globally and locally) for that fine-tuning
     g.rl_stage = False              # GRPO (rl.* knobs, stages.rl) on the EI policy; its result is the policy refined
@@ -100,6 +102,7 @@ class GloreConfig:
     max_prompt_len: int
     sample_rows: int
     shard_size: int
+    joint_refiner: bool
     rerank_orm: bool
     rerank_drafts: int
     rl_stage: bool
@@ -119,8 +122,8 @@ def add_pipeline(config: ConfigDict, steps: dict[str, tuple], **knobs) -> Config
 
     steps: stage -> (total_steps, learning_rate[, max_len]); max_len defaults
     to data.max_len (refiner inputs hold a draft too, so they need more).
-    "rl" and "rerank_orm" are optional (`OPTIONAL_STAGES` when absent); they run only with
-    glore.rl_stage and glore.rerank_orm.
+    "rl", "rerank_orm" and "refiner" are optional (`OPTIONAL_STAGES` when absent); they run only
+    with glore.rl_stage, glore.rerank_orm and glore.joint_refiner.
     """
     config.stages = ConfigDict()
     for name, (objective, prompt_format) in TRAINED_STAGES.items():

@@ -81,6 +81,7 @@ def _refine_data(ctx: S.Context, io: StageIO) -> dict:
                                                               list(RecordsFile(io["sorm_labels.jsonl"])))
     records_path(io.dir, "global_records.jsonl", global_pairs)
     records_path(io.dir, "local_records.jsonl", local_pairs)
+    records_path(io.dir, "refiner_records.jsonl", global_pairs + local_pairs)   # for glore.joint_refiner
     if not global_pairs or not local_pairs:
         raise RuntimeError(f"no refinement pairs (global {len(global_pairs)}, local {len(local_pairs)}; "
                            f"local skipped: {skipped}): sample more (glore.orm_k, glore.train_questions) "
@@ -211,10 +212,16 @@ def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
                SORM_INITS[g.sorm_init]),
         Stage(name="refine_data", does="global pairs (wrong -> right) and local pairs ([BAD] -> verified rollout)",
               run=_refine_data, reads=("orm_records.jsonl", "sorm_labels.jsonl"),
-              writes=("global_records.jsonl", "local_records.jsonl")),
-        _train("global_refiner", "global_refiner", "SFT on global pairs", "global_records.jsonl", "policy_final"),
-        _train("local_refiner", "local_refiner", "SFT on local pairs", "local_records.jsonl", "policy_final"),
+              writes=("global_records.jsonl", "local_records.jsonl", "refiner_records.jsonl")),
     ]
+    if g.joint_refiner:
+        table.append(_train("refiner", "refiner", "SFT on global and local pairs: one model refines both ways",
+                            "refiner_records.jsonl", "policy_final"))
+        aliases.update(global_refiner="refiner", local_refiner="refiner")
+    else:
+        table += [_train("global_refiner", "global_refiner", "SFT on global pairs", "global_records.jsonl",
+                         "policy_final"),
+                  _train("local_refiner", "local_refiner", "SFT on local pairs", "local_records.jsonl", "policy_final")]
     if g.rerank_orm:
         table += [
             Stage(name="rerank_data", does="global and local refinements of ORM samples, graded, plus replayed "
