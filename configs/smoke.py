@@ -25,7 +25,9 @@ def get_config(stage: str | None = None):
     c.train.eval_every = 10
     c.train.eval_batches = 1
     c.train.checkpoint_every = 10
-    add_pipeline(c, {name: (20, 3e-3) for name in ("policy", "ei", "orm", "sorm", "global_refiner", "local_refiner")},
+    add_pipeline(c, {name: (20, 3e-3) for name in ("policy", "ei", "orm", "sorm", "global_refiner", "local_refiner",
+                                                   "refiner")},
+                 joint_refiner=True,  # as configs/demo.py; tests/test_pipeline.py's GSM8K run trains two
                  ei_k=2, orm_k=2, sorm_k=2, train_questions=16, test_questions=8, val_questions=8, value_eval_k=1,
                  # a 20-step model is rarely right: reference targets keep every stage fed
                  reference_fallback=True,
