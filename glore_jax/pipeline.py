@@ -15,6 +15,9 @@ writes, and the functions that run them are one table, `recipe.table`
   refine_data       global pairs (wrong -> right), local pairs ([BAD] -> verified rollout)
   global_refiner    SFT on global pairs
   local_refiner     SFT on local pairs
+  refiner           with glore.joint_refiner (the demo), one model on both pair sets instead of the two above
+  rerank_data       with glore.rerank_orm: global and local refinements of ORM samples, graded
+  rerank_orm        the ORM fine-tuned on those; the gate and the rerank then read it
   calibrate         every candidate on the validation questions -> the ORM gate's threshold
   inference         greedy draft; ORM decides when, SORM where; global + local; ORM rerank (test)
   value_eval        ORM vs SORM against ground truth: AUROC, balanced and where-accuracy

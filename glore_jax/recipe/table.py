@@ -231,7 +231,8 @@ def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
             _train("rerank_orm", "rerank_orm", "the ORM fine-tuned on those: the gate and rerank read it",
                    "rerank_records.jsonl", "orm")]
     table += [
-        Stage(name="calibrate", does="every candidate on the validation questions -> the ORM gate's threshold",
+        Stage(name="calibrate", does="every candidate on the validation questions -> the ORM gate's threshold, "
+              "and which refiners the rerank reads (`refiner_set`)",
               run=_calibrate, reads=MODELS, writes=("val_rows.jsonl",)),
         Stage(name="inference", does="greedy draft; ORM decides when, SORM where; global + local; ORM rerank",
               run=_inference, reads=MODELS + ("calibrate.summary",), writes=("test_rows.jsonl",)),
