@@ -50,11 +50,12 @@ def test_value_model_wiring_follows_the_knobs():
     stages, aliases = table(sorm_init="orm", rerank_orm=False, joint_refiner=True)
     assert "refiner" in stages and "global_refiner" not in stages and "local_refiner" not in stages
     assert aliases["global_refiner"] == aliases["local_refiner"] == "refiner"
-    assert "refiner_records.jsonl" in stages["refiner"].reads
+    assert "refiner_records.jsonl" in stages["refiner"].reads and "refiner_records.jsonl" in stages["refine_data"].writes
     assert "orm" in stages["sorm"].reads and "policy_final" not in stages["sorm"].reads
     assert aliases["orm_final"] == "orm" and "rerank_orm" not in stages
     stages, aliases = table(sorm_init="policy", rerank_orm=True, joint_refiner=False)
     assert "global_refiner" in stages and "refiner" not in stages and "global_refiner" not in aliases
+    assert "refiner_records.jsonl" not in stages["refine_data"].writes
     assert "policy_final" in stages["sorm"].reads and "orm" not in stages["sorm"].reads
     assert aliases["orm_final"] == "rerank_orm"
     names = list(stages)

@@ -81,7 +81,8 @@ def _refine_data(ctx: S.Context, io: StageIO) -> dict:
                                                               list(RecordsFile(io["sorm_labels.jsonl"])))
     records_path(io.dir, "global_records.jsonl", global_pairs)
     records_path(io.dir, "local_records.jsonl", local_pairs)
-    records_path(io.dir, "refiner_records.jsonl", global_pairs + local_pairs)   # for glore.joint_refiner
+    if ctx.g.joint_refiner:
+        records_path(io.dir, "refiner_records.jsonl", global_pairs + local_pairs)
     if not global_pairs or not local_pairs:
         raise RuntimeError(f"no refinement pairs (global {len(global_pairs)}, local {len(local_pairs)}; "
                            f"local skipped: {skipped}): sample more (glore.orm_k, glore.train_questions) "
@@ -212,7 +213,8 @@ def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
                SORM_INITS[g.sorm_init]),
         Stage(name="refine_data", does="global pairs (wrong -> right) and local pairs ([BAD] -> verified rollout)",
               run=_refine_data, reads=("orm_records.jsonl", "sorm_labels.jsonl"),
-              writes=("global_records.jsonl", "local_records.jsonl", "refiner_records.jsonl")),
+              writes=("global_records.jsonl", "local_records.jsonl")
+              + (("refiner_records.jsonl",) if g.joint_refiner else ())),
     ]
     if g.joint_refiner:
         table.append(_train("refiner", "refiner", "SFT on global and local pairs: one model refines both ways",

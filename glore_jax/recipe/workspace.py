@@ -95,7 +95,8 @@ class Workspace:
                                                 counts=counts)
             missing = [w for w in stage.writes if w.endswith(".jsonl") and not os.path.exists(os.path.join(io.dir, w))]
             if missing:
-                raise RuntimeError(f"stage {stage.name} finished without writing its declared outputs {missing}")
+                raise RuntimeError(f"stage {stage.name} finished without writing its declared outputs {missing} "
+                                   f"(a stage done by older code? delete {io.dir} to run it again)")
         return self.results
 
     def stage_dir(self, name: str) -> str:
