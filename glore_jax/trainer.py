@@ -239,7 +239,7 @@ def _loop(run: Run, state: state_lib.TrainState, source: ExperienceSource, evalu
             if step + 1 < t.total_steps:  # fetched while the step runs on device
                 batch = source.next(state.params, step + 1, jax.random.fold_in(rng, step + 1), **frozen(state))
             session.record(step + 1, jax.device_get(metrics), padded,
-                           evaluate=lambda: {k: v for e in evaluators for k, v in e(state.params, state.frozen).items()},
+                           evaluate=lambda: {k: v for e in evaluators for k, v in e(state_lib.model_params(state), state.frozen).items()},
                            source_metrics=getattr(source, "metrics", None))
             session.maybe_checkpoint(step + 1, state, source_state)
         stats = getattr(source, "stats", None)

@@ -101,11 +101,13 @@ def _crash_at(step):
     return _hooked(hook)
 
 
-def test_resume_is_exact_including_data_order(task_records, tokenizer_path, one_device, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_is_exact_including_data_order(ema_decay, task_records, tokenizer_path, one_device, tmp_path):
     # 24 records in batches of 8: the 8 steps cross shuffled epochs, so a
-    # resume that lost the iterator state would see different batches.
+    # resume that lost the iterator state would see different batches. With
+    # train.ema_decay the handed-on params are the EMA, which must resume too.
     records = task_records[:24]
-    c = _config(tokenizer_path, tmp_path / "a", total_steps=8, checkpoint_every=4, log_every=1)
+    c = _config(tokenizer_path, tmp_path / "a", total_steps=8, checkpoint_every=4, log_every=1, ema_decay=ema_decay)
     _, params_a = trainer.train(c, records=records, mesh=one_device)
 
     c.workdir = str(tmp_path / "b")
@@ -280,3 +282,31 @@ def test_frozen_slot_is_saved_or_derived_again_as_declared(checkpoint, task_reco
         assert len(_derivations) == 1 and len(set(means)) == 1
     else:            # derived again on resume (here deliberately different, to show which path ran)
         assert len(_derivations) == 2 and means[2] != means[1]
+
+
+def test_param_ema_averages_the_iterates_and_is_what_a_run_hands_on():
+    from glore_jax.training import state as state_lib
+    from glore_jax.training.config import TrainConfig
+    t = TrainConfig(total_steps=10, batch_size=8, grad_accum=1, learning_rate=0.1, warmup_steps=0, weight_decay=0.0,
+                    grad_clip=0.0, ema_decay=0.5, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=5,
+                    max_to_keep=1, peak_tflops=0.0)
+    tx, plain = state_lib.optimizer(t), state_lib.optimizer(dataclasses.replace(t, ema_decay=0.0))
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    opt, opt_plain, p_plain, raw = tx.init(params), plain.init(params), params, params
+    expected = np.asarray(params["w"])
+    for n, g in enumerate([[1.0, 0.5, -1.0], [0.2, -0.3, 0.4], [-1.0, 1.0, 2.0], [0.5, 0.5, 0.5]]):
+        grads = {"w": jnp.array(g)}
+        updates, opt = tx.update(grads, opt, raw)
+        raw = jax.tree_util.tree_map(jnp.add, raw, updates)
+        u_plain, opt_plain = plain.update(grads, opt_plain, p_plain)
+        p_plain = jax.tree_util.tree_map(jnp.add, p_plain, u_plain)
+        d = min(0.5, (1 + n) / (10 + n))  # the ramp: 0.1, 0.18, 0.25, 0.31
+        expected = d * expected + (1 - d) * np.asarray(raw["w"])
+    # The EMA leaves the optimizer's own trajectory alone ...
+    np.testing.assert_allclose(raw["w"], p_plain["w"], rtol=1e-6)
+    state = state_lib.TrainState(step=jnp.int32(4), params=raw, opt_state=opt, rng=jnp.zeros(2, jnp.uint32), frozen={})
+    # ... and is what model_params hands on; without one, the params are.
+    np.testing.assert_allclose(state_lib.model_params(state)["w"], expected, rtol=1e-6)
+    assert np.max(np.abs(expected - np.asarray(raw["w"]))) > 1e-3
+    no_ema = state.replace(opt_state=opt_plain)
+    assert state_lib.model_params(no_ema) is raw

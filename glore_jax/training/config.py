@@ -85,6 +85,7 @@ def base_config() -> ConfigDict:
     c.train.warmup_steps = 100
     c.train.weight_decay = 0.0
     c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.0             # > 0: the model a run hands on is this EMA of its params (state.param_ema)
     c.train.log_every = 10
     c.train.eval_every = 200            # 0 disables periodic eval (it still runs at the end)
     c.train.eval_batches = 4
@@ -129,6 +130,8 @@ def check(config: ConfigDict) -> None:
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}")
     if t.learning_rate <= 0 or t.warmup_steps < 0 or t.grad_clip < 0 or t.eval_every < 0:
         raise ConfigError("train.learning_rate must be > 0 and warmup_steps, grad_clip, eval_every >= 0")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,6 +145,7 @@ class TrainConfig:
     warmup_steps: int
     weight_decay: float
     grad_clip: float
+    ema_decay: float = 0.0
     log_every: int
     eval_every: int
     eval_batches: int

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from glore_jax import distributed, files
 from glore_jax.models import checkpoints as model_checkpoints
-from glore_jax.training import metrics as metrics_lib
+from glore_jax.training import metrics as metrics_lib, state as state_lib
 from glore_jax.training.checkpoints import MODEL_DIR, Checkpoints
 
 DONE_FILE = "train_done.json"
@@ -177,7 +177,8 @@ class Session:
         """Saves the final model and the done marker (with what the data cut); returns (model config, params)."""
         self.ckpts.wait()
         workdir = self.run.exp.workdir
-        model_checkpoints.save_model(os.path.join(workdir, MODEL_DIR), self.run.model, state.params)
+        params = state_lib.model_params(state)
+        model_checkpoints.save_model(os.path.join(workdir, MODEL_DIR), self.run.model, params)
         stats = distributed.sum_counts(dict(data_stats or {}))  # each process counted only its own rows
         if stats.get("examples"):
             limits = stats.get("limits", {})  # a source may cut at its own knobs (rl.max_new_tokens)
@@ -190,4 +191,4 @@ class Session:
             files.write_json(os.path.join(workdir, DONE_FILE),
                              {"step": self.t.total_steps, "objective": self.run.objective.name, "data": stats,
                               "peak_rss_gb": peak_rss_gb(), "wall_seconds": time.perf_counter() - self.started})
-        return self.run.model, state.params
+        return self.run.model, params

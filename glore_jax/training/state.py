@@ -14,7 +14,7 @@ saving) poisoned params.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -46,12 +46,50 @@ def schedule(t: TrainConfig) -> optax.Schedule:
         decay_steps=max(t.total_steps, warmup + 1), end_value=t.learning_rate * END_LR_RATIO)
 
 
+class ParamEmaState(NamedTuple):
+    count: jax.Array      # int32: updates averaged so far
+    ema: Any              # a params-shaped tree: sharded, checkpointed and restored like the moments
+
+
+def param_ema(decay: float) -> optax.GradientTransformation:
+    """Passes updates through and keeps an exponential moving average of the params they produce.
+
+    Why: a short fine-tune at batch 32 ends on a noisy last iterate; on the demo the greedy accuracy
+    of the same recipe moved by 20 points between seeds. The average is the model the run hands on
+    (`model_params`). It lives in the optimizer state, so it is sharded like the params, skipped with
+    them on a non-finite step and resumed exactly. The decay ramps up as min(decay, (1+n)/(10+n)), so
+    the average forgets the initial params quickly rather than by decay**steps.
+    """
+    def init(params):
+        return ParamEmaState(count=jnp.zeros((), jnp.int32), ema=params)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("param_ema needs the params in update()")
+        new = optax.apply_updates(params, updates)
+        n = state.count.astype(jnp.float32)
+        d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+        ema = jax.tree_util.tree_map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema, new)
+        return updates, ParamEmaState(count=state.count + 1, ema=ema)
+
+    return optax.GradientTransformation(init, update)
+
+
 def optimizer(t: TrainConfig) -> optax.GradientTransformation:
     # No decay on norm scales and biases (rank < 2), the usual AdamW recipe.
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
     adamw = optax.adamw(schedule(t), b1=0.9, b2=0.95, eps=1e-8, weight_decay=t.weight_decay,
                         mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+    chain = ([optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []) + [adamw] \
+        + ([param_ema(t.ema_decay)] if t.ema_decay > 0 else [])
+    return optax.chain(*chain) if len(chain) > 1 else adamw
+
+
+def model_params(state: "TrainState") -> Any:
+    """The params a run hands on: the EMA when the optimizer keeps one (train.ema_decay), else the params."""
+    found = [s for s in jax.tree_util.tree_leaves(state.opt_state, is_leaf=lambda x: isinstance(x, ParamEmaState))
+             if isinstance(s, ParamEmaState)]
+    return found[0].ema if found else state.params
 
 
 def state_shardings(model: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
