@@ -65,3 +65,7 @@ def test_value_model_wiring_follows_the_knobs():
     assert "orm" in stages["value_eval"].reads
     with pytest.raises(ConfigError, match="sorm_init"):
         GloreConfig(**{**base, "sorm_init": "ORM"})
+    with pytest.raises(ConfigError, match="sorm_wrong_share"):
+        GloreConfig(**{**base, "sorm_wrong_share": 1.5})
+    with pytest.raises(ConfigError, match="value_eval_split"):
+        GloreConfig(**{**base, "value_eval_split": "train"})

@@ -156,6 +156,21 @@ def test_sorm_subsample_covers_the_questions_with_right_and_wrong_samples():
     assert sorm_labels.subsample(records, 0, seed=0) == records                   # 0 = all
 
 
+def test_sorm_subsample_draws_the_asked_share_of_wrong_samples_across_questions():
+    # 12 questions x 4 samples; question i has i % 4 wrong samples (18 wrong of 48, 37.5%).
+    records = [{"question": f"q{i}", "gold": "1", "solution": f"s{i}{j}", "correct": j >= i % 4}
+               for i in range(12) for j in range(4)]
+    got = sorm_labels.subsample(records, 16, seed=0, wrong_share=0.75)
+    assert len(got) == 16 and sum(not r["correct"] for r in got) == 12           # round(16 * 0.75)
+    assert len({r["solution"] for r in got}) == 16                                # no record twice
+    # the 12 wrong ones spread over the 9 questions that have any (one each, then a second round)
+    assert len({r["question"] for r in got if not r["correct"]}) == 9
+    # more wrong asked for than exist: all 18, and the rest right
+    got = sorm_labels.subsample(records, 24, seed=0, wrong_share=1.0)
+    assert sum(not r["correct"] for r in got) == 18 and len(got) == 24
+    assert sorm_labels.subsample(records, 16, seed=0, wrong_share=0.0) == sorm_labels.subsample(records, 16, seed=0)
+
+
 def test_local_pairs_from_rollouts_match_a_hand_computed_case():
     labelled = sorm_labels.label_solutions(ITEMS, table_policy, sorm_labels.LabelConfig(k=2, balance=False))
     # q1: its first negative step is step 1 ("b = 2"): both rollouts of "a = 1\nb = 2" fail ("#### 5"

@@ -47,6 +47,7 @@ def glore_knobs() -> ConfigDict:
     g.temperature = 0.7             # sampling temperature of EI, ORM data and best-of-n
     g.orm_k = 4                     # samples per train question for ORM / refinement data
     g.sorm_solutions = 0            # sampled solutions to label by rollouts (0 = all ORM samples)
+    g.sorm_wrong_share = 0.0        # > 0: that share of the labelled solutions drawn from wrong samples (0 = as sampled)
     g.sorm_k = 8                    # rollouts per step prefix
     g.check_intermediate = True     # a verifying rollout must reuse the step's result (see README: label precision)
     g.check_arithmetic = True       # verifying rollouts and refiner targets must compute right (sorm_labels)
@@ -61,6 +62,7 @@ def glore_knobs() -> ConfigDict:
     g.sorm_threshold = 0.5          # where: the first step whose SORM value is below this
     g.best_of = 3
     g.value_eval_k = 2              # policy samples per test question for ORM/SORM step accuracy
+    g.value_eval_split = "test"     # "val": evaluate the value models on the validation questions (to choose variants)
     g.max_new_tokens = 256
     g.max_prompt_len = 256          # refiner prompts hold question + draft; see data.max_len
     g.sample_rows = 64              # sequences per compiled sampler call
@@ -84,6 +86,7 @@ class GloreConfig:
     temperature: float
     orm_k: int
     sorm_solutions: int
+    sorm_wrong_share: float
     sorm_k: int
     check_intermediate: bool
     check_arithmetic: bool
@@ -98,6 +101,7 @@ class GloreConfig:
     sorm_threshold: float
     best_of: int
     value_eval_k: int
+    value_eval_split: str
     max_new_tokens: int
     max_prompt_len: int
     sample_rows: int
@@ -111,6 +115,10 @@ class GloreConfig:
     def __post_init__(self):
         if self.sorm_init not in SORM_INITS:
             raise ConfigError(f"glore.sorm_init must be one of {sorted(SORM_INITS)}, got {self.sorm_init!r}")
+        if not 0 <= self.sorm_wrong_share <= 1:
+            raise ConfigError(f"glore.sorm_wrong_share must be in [0, 1], got {self.sorm_wrong_share}")
+        if self.value_eval_split not in ("test", "val"):
+            raise ConfigError(f"glore.value_eval_split must be 'test' or 'val', got {self.value_eval_split!r}")
 
     @classmethod
     def from_config(cls, glore: ConfigDict) -> "GloreConfig":

@@ -163,15 +163,28 @@ def relabel(sol: LabelledSolution, check_intermediate: bool, check_arithmetic: b
     return labels_from_raw(raw, sol.solution, sol.gold)
 
 
-def subsample(records: Sequence[dict], n: int, seed: int) -> list[dict]:
-    """n records drawn across questions: one per question in a seeded order, then a second round, ...
+def subsample(records: Sequence[dict], n: int, seed: int, wrong_share: float = 0.0) -> list[dict]:
+    """n records drawn across questions (0 = all): one per question in a seeded order, then a second round, ...
 
     ORM records come grouped by question, so a head slice would label a few
     questions' samples only; round-robin covers min(n, #questions) questions
     and keeps each question's mix of right and wrong samples at random.
+    wrong_share > 0 draws that share of the n from the wrong records (as many
+    as there are) and the rest from the right ones, each part round-robin: a
+    strong policy's samples are mostly right, and only wrong ones carry
+    negative step labels.
     """
     if not n or n >= len(records):
         return list(records)
+    if wrong_share <= 0:
+        return _round_robin(records, n, seed)
+    wrong = [r for r in records if not r["correct"]]
+    right = [r for r in records if r["correct"]]
+    n_wrong = min(len(wrong), round(n * wrong_share))
+    return _round_robin(wrong, n_wrong, seed) + _round_robin(right, min(len(right), n - n_wrong), seed + 1)
+
+
+def _round_robin(records: Sequence[dict], n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     by_q: dict[str, list[dict]] = defaultdict(list)
     for r in records:

@@ -222,10 +222,11 @@ def label_quality(ctx: Context, labelled: Sequence[dict]) -> dict:
 
 
 def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str) -> tuple[dict, str]:
-    """ORM vs SORM step accuracy on policy samples of test questions, against ground truth."""
-    test = ctx.test[:ctx.g.test_questions or None]
+    """ORM vs SORM step accuracy on policy samples of test (or, glore.value_eval_split=val, validation)
+    questions, against ground truth."""
+    test = ctx.val if ctx.g.value_eval_split == "val" else ctx.test[:ctx.g.test_questions or None]
     samples = sample_solutions(ctx, models["policy"], test, ctx.g.value_eval_k, os.path.join(stage_dir, "samples"),
-                               "test samples", seed=ctx.seed + 2)
+                               f"{ctx.g.value_eval_split} samples", seed=ctx.seed + 2)
     items = [(r["question"], s) for r in samples for s in r["solutions"]]
     by_id = {r["id"]: r for r in test}
     if ctx.task == "synthetic":

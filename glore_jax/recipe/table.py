@@ -61,7 +61,8 @@ def _orm_samples(ctx: S.Context, io: StageIO) -> dict:
 
 
 def _sorm_labels(ctx: S.Context, io: StageIO) -> dict:
-    samples = sorm_labels.subsample(list(RecordsFile(io["orm_records.jsonl"])), ctx.g.sorm_solutions, seed=ctx.seed)
+    samples = sorm_labels.subsample(list(RecordsFile(io["orm_records.jsonl"])), ctx.g.sorm_solutions, seed=ctx.seed,
+                                    wrong_share=ctx.g.sorm_wrong_share)
     items = [(r["question"], r["gold"], r["solution"]) for r in samples]
     labelled = S.label_by_rollouts(ctx, io["policy_final"], items, io.dir, balance=ctx.g.balance, seed=ctx.seed)
     records_path(io.dir, "sorm_labels.jsonl", labelled)     # labels with their rollouts, for inspection/reuse
@@ -152,7 +153,7 @@ def _report(ctx: S.Context, io: StageIO) -> dict:
                     **_label_results(summary["sorm_labels"], g.check_intermediate),
                     "refine_pairs_by_source": summary["refine_data"]["by_source"]},
         "expert_iteration": _ei_effect(summary, g.ei_rounds),
-        "value_eval": value["evals"], "step_truth": value["truth"],
+        "value_eval": value["evals"], "step_truth": value["truth"], "value_eval_split": g.value_eval_split,
         "stages": {k.removesuffix("_samples") if k.startswith("ei_") else k: v for k, v in summary.items()
                    if k.startswith("ei_") or k in ("orm_samples", "sorm_labels", "refine_data", "calibrate")},
         "truncation": {"per_stage": {k: v for k, v in io.truncation.items() if v},
