@@ -37,7 +37,8 @@ def cpu_info() -> dict:
         pass
     native = sorted(flags & {"amx_bf16", "avx512_bf16"})
     return {"cpu": model, "cpu_count": os.cpu_count(), "native_bf16": bool(native), "bf16_flags": native,
-            "avx2": "avx2" in flags, "machine": platform.machine()}
+            "avx2": "avx2" in flags, "machine": platform.machine(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def save(results: dict, path: str | None) -> None:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 from benchmarks import tunix_peer  # noqa: E402
 from benchmarks.common import best_time, cpu_info, save  # noqa: E402
 from glore_jax import convert  # noqa: E402
+from glore_jax import hardware  # noqa: E402
 from glore_jax import models as M  # noqa: E402
 from glore_jax import sampling as S  # noqa: E402
 
@@ -166,6 +167,8 @@ def bench_tunix(cfg, params, batches, prompt_len, new, repeats) -> dict:
 
 
 def main():
+    # Both sides (the torch/HF child processes inherit it) run with the malloc the command lines use.
+    hardware.reexec_with_malloc_tunable()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens (< 5 min on 2 cores)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")

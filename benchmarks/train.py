@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import best_time, cpu_info, save  # noqa: E402
-from glore_jax import models as M, objectives  # noqa: E402
+from glore_jax import hardware, models as M, objectives  # noqa: E402
 from glore_jax import sharding as shd  # noqa: E402
 from glore_jax.training import metrics as metrics_lib, state as state_lib  # noqa: E402
 from glore_jax.training.config import TrainConfig  # noqa: E402
@@ -154,6 +154,8 @@ def packing_shares(n_batches: int) -> dict:
 
 
 def main():
+    # Both sides (the torch/HF child processes inherit it) run with the malloc the command lines use.
+    hardware.reexec_with_malloc_tunable()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (about 3 minutes on 2 cores)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")

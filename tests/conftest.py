@@ -10,6 +10,12 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from glore_jax import hardware  # noqa: E402
+
+# The processes started from here on (pytest-xdist's workers, the command lines tests run) get
+# glibc's huge-page malloc, as `python -m glore_jax.*` gives itself (hardware.MALLOC_TUNABLE).
+os.environ.update(hardware.malloc_env(dict(os.environ)) or {})
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

@@ -37,3 +37,38 @@ def test_auto_resolves_at_the_edge_and_the_pipeline_pins_it(chosen, tmp_path):
     c.model.dtype = "float16"
     with pytest.raises(ValueError, match="model.dtype 'float16' unknown"):
         train_config.experiment(c)
+
+
+def test_malloc_env_adds_the_tunable_once_and_keeps_the_users_own():
+    assert hardware.malloc_env({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": hardware.MALLOC_TUNABLE}
+    other = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert hardware.malloc_env(other)["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{hardware.MALLOC_TUNABLE}"
+    assert hardware.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice stands
+    assert hardware.malloc_env(hardware.malloc_env({})) is None  # a restarted process does not restart again
+
+
+def _run_reexec(code: str, env: dict) -> list[str]:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_command_lines_restart_once_with_the_tunable_and_keep_their_pid_and_arguments():
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    code = ("import os, sys; print('start', os.getpid(), flush=True); from glore_jax import hardware; "
+            "hardware.reexec_with_malloc_tunable(); print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'), "
+            "sys.executable)")
+    lines = _run_reexec(code, env)
+    # Two starts (the original and the restart), one run past the restart, under the same PID and interpreter.
+    starts = [line.split()[1] for line in lines if line.startswith("start")]
+    after = [line.split() for line in lines if line.startswith("after")]
+    assert len(starts) == 2 and starts[0] == starts[1], lines
+    assert len(after) == 1 and after[0][1] == starts[0] and after[0][2] == hardware.MALLOC_TUNABLE, lines
+    import sys
+    assert after[0][3] == sys.executable
+    # Opted out: no restart.
+    lines = _run_reexec(code, {**env, "GLORE_JAX_NO_REEXEC": "1"})
+    assert [line.split()[0] for line in lines] == ["start", "after"] and lines[1].split()[2] == "None", lines

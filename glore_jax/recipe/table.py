@@ -160,7 +160,8 @@ def _report(ctx: S.Context, io: StageIO) -> dict:
                        "warnings": [f"{stage}: {w}" for stage, counts in io.truncation.items()
                                     for w in truncation_warnings(counts)]},
         "timings": dict(io.timings), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                  "devices": [str(x) for x in jax.devices()]},
+                                                  "devices": [str(x) for x in jax.devices()],
+                                                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES")},
         "config": ctx.config_dict,
     }
     root = os.path.dirname(os.path.dirname(io.dir))
