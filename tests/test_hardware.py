@@ -72,3 +72,34 @@ def test_command_lines_restart_once_with_the_tunable_and_keep_their_pid_and_argu
     # Opted out: no restart.
     lines = _run_reexec(code, {**env, "GLORE_JAX_NO_REEXEC": "1"})
     assert [line.split()[0] for line in lines] == ["start", "after"] and lines[1].split()[2] == "None", lines
+
+
+def test_python_m_glore_jax_restarts_with_the_tunable_before_reading_its_config(tmp_path):
+    import os
+    # A config file runs at flag parsing, after the restart: it sees the environment the job runs in.
+    config = tmp_path / "probe.py"
+    config.write_text("import os\nprint('probe', os.environ.get('GLIBC_TUNABLES'), flush=True)\n"
+                      "raise SystemExit(0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "glore_jax.train", f"--config={config}"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert [line for line in out.stdout.splitlines() if line.startswith("probe")] == \
+        [f"probe {hardware.MALLOC_TUNABLE}"], (out.stdout, out.stderr)
+
+
+def test_cli_main_called_from_another_program_never_restarts_it(monkeypatch):
+    import os
+    import sys
+
+    from glore_jax import cli
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(os, "execve", lambda *a: (_ for _ in ()).throw(AssertionError("restarted the caller")))
+    monkeypatch.setattr(sys, "argv", ["caller"])
+    ran = []
+    try:
+        cli.main(lambda argv: ran.append(argv))
+    except SystemExit as e:
+        assert not e.code
+    assert ran == [["caller"]]
