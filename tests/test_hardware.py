@@ -1,6 +1,9 @@
 """The compute-dtype rule behind model.dtype="auto", its pinning per workdir, and the train step's XLA options."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -48,15 +51,12 @@ def test_malloc_env_adds_the_tunable_once_and_keeps_the_users_own():
 
 
 def _run_reexec(code: str, env: dict) -> list[str]:
-    import subprocess
-    import sys
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()
 
 
 def test_command_lines_restart_once_with_the_tunable_and_keep_their_pid_and_arguments():
-    import os
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     code = ("import os, sys; print('start', os.getpid(), flush=True); from glore_jax import hardware; "
             "hardware.reexec_with_malloc_tunable(); print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'), "
@@ -67,7 +67,6 @@ def test_command_lines_restart_once_with_the_tunable_and_keep_their_pid_and_argu
     after = [line.split() for line in lines if line.startswith("after")]
     assert len(starts) == 2 and starts[0] == starts[1], lines
     assert len(after) == 1 and after[0][1] == starts[0] and after[0][2] == hardware.MALLOC_TUNABLE, lines
-    import sys
     assert after[0][3] == sys.executable
     # Opted out: no restart.
     lines = _run_reexec(code, {**env, "GLORE_JAX_NO_REEXEC": "1"})
@@ -75,14 +74,11 @@ def test_command_lines_restart_once_with_the_tunable_and_keep_their_pid_and_argu
 
 
 def test_python_m_glore_jax_restarts_with_the_tunable_before_reading_its_config(tmp_path):
-    import os
     # A config file runs at flag parsing, after the restart: it sees the environment the job runs in.
     config = tmp_path / "probe.py"
     config.write_text("import os\nprint('probe', os.environ.get('GLIBC_TUNABLES'), flush=True)\n"
                       "raise SystemExit(0)\n")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    import subprocess
-    import sys
     out = subprocess.run([sys.executable, "-m", "glore_jax.train", f"--config={config}"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert [line for line in out.stdout.splitlines() if line.startswith("probe")] == \
@@ -90,9 +86,6 @@ def test_python_m_glore_jax_restarts_with_the_tunable_before_reading_its_config(
 
 
 def test_cli_main_called_from_another_program_never_restarts_it(monkeypatch):
-    import os
-    import sys
-
     from glore_jax import cli
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setattr(os, "execve", lambda *a: (_ for _ in ()).throw(AssertionError("restarted the caller")))
