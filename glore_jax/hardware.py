@@ -30,11 +30,19 @@ import sys
 import jax
 
 # XLA options for training on XLA:CPU. Its YNNPACK fusions ran this project's
-# training matmuls at about half the speed of XLA's own dots (a demo-model
-# step: ~450 ms with them, ~400 ms without, float32 and bf16 alike; its
-# [5632, 128] x [128, 384] products at ~105 against ~200 GFLOP/s), while the
-# sampler's decode loop is faster with them: they are off for training only.
+# float32 training matmuls at about half the speed of XLA's own dots (a
+# demo-model step: ~450 ms with them, ~400 ms without; its [5632, 128] x
+# [128, 384] products at ~105 against ~200 GFLOP/s), while the sampler's
+# decode loop is faster with them: they are off for float32 training only.
 CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# bf16 training on a CPU that multiplies bf16 natively (AVX512-BF16, AMX): YNNPACK's
+# single-dot kernels are the only XLA:CPU path that keeps a bf16 x bf16 -> f32
+# dot in bf16; without them every bf16 dot runs in float32 after converting
+# both operands, and the bf16 step was slower than the float32 one (see
+# `models.layers.dense`, which puts every weight matmul and its gradient in
+# that form). A demo-model step on a 2-core AMD EPYC (2026-12-02): ~250 ms
+# -> ~180 ms, against ~205 ms in float32.
+CPU_TRAIN_OPTIONS_NATIVE_BF16 = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 # glibc's malloc hands large freed blocks back to the kernel and faults them in again, 4 KiB at a
@@ -70,8 +78,13 @@ def reexec_with_malloc_tunable() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def train_compiler_options(platform: str) -> dict[str, str] | None:
-    return dict(CPU_TRAIN_OPTIONS) if platform == "cpu" else None
+def train_compiler_options(platform: str, dtype: str = "float32") -> dict[str, str] | None:
+    """The train step's XLA options for a platform and compute dtype (None: XLA's defaults)."""
+    if platform != "cpu":
+        return None
+    if dtype == "bfloat16" and cpu_bf16_flags():
+        return dict(CPU_TRAIN_OPTIONS_NATIVE_BF16)
+    return dict(CPU_TRAIN_OPTIONS)
 
 
 def cpu_bf16_flags() -> list[str]:

@@ -27,6 +27,16 @@ def test_auto_is_bf16_on_accelerators_and_f32_on_every_cpu():
     assert hardware.train_compiler_options("tpu") is None
 
 
+def test_bf16_training_uses_ynnpack_dots_only_where_the_cpu_multiplies_bf16(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    assert hardware.train_compiler_options("cpu", "bfloat16") == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    assert hardware.train_compiler_options("cpu", "float32") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: [])  # AVX2 only: bf16 is emulated anyway
+    assert hardware.train_compiler_options("cpu", "bfloat16") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert hardware.train_compiler_options("gpu", "bfloat16") is None
+
+
 def test_auto_resolves_at_the_edge_and_the_pipeline_pins_it(chosen, tmp_path):
     c = train_config.base_config()
     c.workdir, c.model.dtype = str(tmp_path), "auto"

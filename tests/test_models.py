@@ -303,3 +303,62 @@ def test_training_attention_gradient_matches_the_cached_path(params):
     g1, g2 = jax.grad(loss)(p), jax.grad(loss_via_cache)(p)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * (float(jnp.max(jnp.abs(b))) + 1e-8))
+
+
+@pytest.mark.parametrize("k", [6, 7])  # even K: the 3-D views of the backward pass; odd: the plain products
+def test_dense_equals_cast_and_multiply_in_values_and_gradients(k):
+    """`dense` in bf16: the same values and gradients as casting to bf16 and multiplying; float32 is `x @ w`."""
+    from glore_jax.models.layers import dense
+    x = jax.random.normal(jax.random.key(0), (10, k))
+    w = jax.random.normal(jax.random.key(1), (k, 5))
+    g = jax.random.normal(jax.random.key(2), (10, 5))
+
+    def plain(x, w):  # a 16-bit dot's own output and autodiff (rounded to bf16, as the model used it)
+        return (x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)).astype(jnp.float32)
+
+    def ours(x, w):
+        return dense(x, w, jnp.bfloat16).astype(jnp.bfloat16).astype(jnp.float32)
+
+    np.testing.assert_array_equal(np.asarray(ours(x, w)), np.asarray(plain(x, w)))
+    got = jax.grad(lambda x, w: jnp.sum(ours(x, w) * g), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(plain(x, w) * g), argnums=(0, 1))(x, w)
+    for name, a, e in zip("xw", got, want):
+        assert a.dtype == jnp.float32, name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(e))),
+                                   err_msg=f"d{name}")
+    np.testing.assert_array_equal(np.asarray(dense(x, w, jnp.float32)), np.asarray(x @ w))
+
+
+def test_bf16_train_step_keeps_every_weight_matmul_in_bf16_where_the_cpu_has_it():
+    """On a CPU with native bf16, the bf16 train step runs every weight matmul and its two gradient
+    products as bf16 x bf16 -> f32 dots; elsewhere XLA:CPU runs them in float32 (and the step still runs)."""
+    import re
+    from glore_jax import hardware, objectives
+    from glore_jax.training import state as state_lib
+    from glore_jax.training.config import TrainConfig
+    cfg = M.preset("tiny", dtype="bfloat16")
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    t = TrainConfig(total_steps=10, batch_size=2, grad_accum=1, learning_rate=1e-3, warmup_steps=0,
+                    weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
+                    max_to_keep=1, peak_tflops=0.0)
+    tx = state_lib.optimizer(t)
+    shardings = state_lib.state_shardings(cfg, tx, mesh)
+    state = state_lib.init_state(M.init_params(cfg, jax.random.key(0)), tx, 0, shardings)
+    step = state_lib.make_train_step(objectives.get("sft"), cfg, tx, state_lib.schedule(t), mesh, shardings, 1)
+    tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 16)).astype(np.int32)
+    batch = {"tokens": tokens, "loss_mask": np.ones((2, 16), np.float32), "segment_ids": np.ones((2, 16), np.int32),
+             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16)).copy()}
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in batch.items()}
+    hlo = step.lower(state, batch).compile().as_text()
+    # Operand types of every 2-D dot (the weight matmuls; attention's are batched, 4-D).
+    types = []
+    for comp in hlo.split("\n\n"):
+        declared = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", comp))
+        for out, a, b in re.findall(r"= \w+\[(\d+,\d+)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", comp):
+            types.append((declared.get(a), declared.get(b)))
+    # forward + two gradient products for each of 7 weight matmuls a layer and the LM head
+    assert len(types) >= 3 * (7 * cfg.num_layers + 1), types
+    native = bool(hardware.cpu_bf16_flags())
+    assert set(types) == ({("bf16", "bf16")} if native else {("f32", "f32")}), types
+    state, metrics = step(state, batch)
+    assert bool(jnp.isfinite(metrics["loss"])) and int(state.step) == 1

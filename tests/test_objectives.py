@@ -45,6 +45,34 @@ def test_sft_loss_is_mean_cross_entropy_over_targets():
     np.testing.assert_allclose(float(means["loss"]), (nll * mask).sum() / mask.sum(), rtol=1e-5)
 
 
+def test_next_token_nll_and_hits_equal_optax_and_argmax_with_the_same_gradient():
+    """The hand-written loss equals optax's cross entropy on logits[:, :-1], its gradient autodiff's."""
+    import jax.numpy as jnp
+    import optax
+    from glore_jax.objectives.sft import next_token_nll
+    logits = jax.random.normal(jax.random.key(0), (3, 9, 17)) * 3
+    tokens = jax.random.randint(jax.random.key(1), (3, 9), 0, 17)
+    tokens = tokens.at[0, 4].set(jnp.argmax(logits[0, 3]))  # at least one top-1 hit
+    mask = (jax.random.uniform(jax.random.key(2), (3, 8)) > 0.3).astype(jnp.float32)
+    weights = jax.random.normal(jax.random.key(3), (3, 8))  # a loss that weights each position differently
+
+    def ours(x):
+        nll, _ = next_token_nll(x, tokens)
+        return jnp.sum(nll[:, :-1] * mask * weights)
+
+    def reference(x):
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x[:, :-1], tokens[:, 1:]) * mask * weights)
+
+    nll, hit = next_token_nll(logits, tokens)
+    assert nll.shape == hit.shape == (3, 9) and bool(jnp.all(jnp.isfinite(nll)))
+    np.testing.assert_allclose(np.asarray(nll[:, :-1]), np.asarray(
+        optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(hit[:, :-1]), np.asarray(jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]))
+    assert bool(hit[0, 3])
+    np.testing.assert_allclose(np.asarray(jax.grad(ours)(logits)), np.asarray(jax.grad(reference)(logits)),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_value_loss_and_accuracies_read_only_labelled_step_ends():
     config = models.preset("tiny", heads=("value",))
     params = models.init_params(config, jax.random.key(0))

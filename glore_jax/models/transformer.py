@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from glore_jax.models.config import ModelConfig
-from glore_jax.models.layers import Block, RMSNorm, param, write_slots
+from glore_jax.models.layers import Block, RMSNorm, dense, param, write_slots
 from glore_jax.sharding import constrain
 
 # Logical axes of the stacked k [L, B, KVH, D, S] and v [L, B, KVH, S, D] (see `layers.Attention`).
@@ -109,8 +109,8 @@ class Backbone(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied-embedding logits: hidden [B, T, E] -> float32 [B, T, V]."""
-        return jnp.einsum("bte,ve->btv", x, self.embedding.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        b, t, e = x.shape
+        return dense(x.reshape(b * t, e), self.embedding.T, x.dtype).reshape(b, t, -1)
 
 
 class LanguageModel(nn.Module):
@@ -160,8 +160,8 @@ class LMHead(nn.Module):
     def __call__(self, hidden: jax.Array) -> jax.Array:
         c = self.config
         kernel = param(self, "kernel", (c.embed_dim, c.vocab_size), ("embed", "vocab"))
-        return jnp.einsum("bte,ev->btv", hidden, kernel.astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        b, t, e = hidden.shape
+        return dense(hidden.reshape(b * t, e), kernel, hidden.dtype).reshape(b, t, -1)
 
 
 class ValueHead(nn.Module):

@@ -183,7 +183,8 @@ def make_train_step(objective: Objective, model: ModelConfig, tx: optax.Gradient
     # No in_shardings: the state arrives in `shardings` and each batch array in the batch
     # sharding of its rank (`data.put_local`), and jit keeps what it is given.
     return jax.jit(step, out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0,
-                   compiler_options=hardware.train_compiler_options(mesh.devices.flat[0].platform))
+                   compiler_options=hardware.train_compiler_options(mesh.devices.flat[0].platform,
+                                                                    jnp.dtype(model.compute_dtype).name))
 
 
 def make_eval_step(objective: Objective, model: ModelConfig, mesh: Mesh):
