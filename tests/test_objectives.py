@@ -49,7 +49,7 @@ def test_next_token_nll_and_hits_equal_optax_and_argmax_with_the_same_gradient()
     """The hand-written loss equals optax's cross entropy on logits[:, :-1], its gradient autodiff's."""
     import jax.numpy as jnp
     import optax
-    from glore_jax.objectives.sft import next_token_nll
+    from glore_jax.models import next_token_nll
     logits = jax.random.normal(jax.random.key(0), (3, 9, 17)) * 3
     tokens = jax.random.randint(jax.random.key(1), (3, 9), 0, 17)
     tokens = tokens.at[0, 4].set(jnp.argmax(logits[0, 3]))  # at least one top-1 hit

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
-
 from glore_jax.errors import ConfigError
+from glore_jax.models.forward import next_token_nll
 
 AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
 KL_ESTIMATORS = ("k1", "k3")
@@ -40,15 +39,14 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float = 1.
     Logits are divided by `temperature` first, so old, current and reference
     log-probs are those of the distribution the rollouts were sampled from.
     """
-    lp = -optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1].astype(jnp.float32) / temperature, tokens[:, 1:])
-    return jnp.pad(lp, ((0, 0), (1, 0)))
+    nll, _ = next_token_nll(logits.astype(jnp.float32) / temperature, tokens)
+    return jnp.pad(-nll[:, :-1], ((0, 0), (1, 0)))
 
 
 def token_entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
     """`[B, T]` entropy of the next-token distribution, aligned like `token_logprobs`."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
-    return jnp.pad(-jnp.sum(jnp.exp(logp) * logp, axis=-1), ((0, 0), (1, 0)))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)  # slicing [B, T], not [B, T, V]
+    return jnp.pad(-jnp.sum(jnp.exp(logp) * logp, axis=-1)[:, :-1], ((0, 0), (1, 0)))
 
 
 def _check(kl: str, ratio_level: str, aggregation: str) -> None:
