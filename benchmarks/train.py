@@ -60,14 +60,10 @@ def _batch(cfg, seed=0):
 
 
 def jax_step_time(cfg, repeats: int) -> float:
-    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     t = TrainConfig(total_steps=10**6, batch_size=BATCH, grad_accum=1, learning_rate=LR, warmup_steps=0,
                     weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
                     max_to_keep=1, peak_tflops=0.0)
-    tx = state_lib.optimizer(t)
-    shardings = state_lib.state_shardings(cfg, tx, mesh)
-    state = state_lib.init_state(M.init_params(cfg, jax.random.key(0)), tx, 0, shardings)
-    step = state_lib.make_train_step(objectives.get("sft"), cfg, tx, state_lib.schedule(t), mesh, shardings, 1)
+    step, state, mesh = state_lib.one_device_step(objectives.get("sft"), cfg, t)
     batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg).items()}
     holder = [state]
 

@@ -337,14 +337,10 @@ def test_bf16_train_step_keeps_every_weight_matmul_in_bf16_where_the_cpu_has_it(
     from glore_jax.training import state as state_lib
     from glore_jax.training.config import TrainConfig
     cfg = M.preset("tiny", dtype="bfloat16")
-    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     t = TrainConfig(total_steps=10, batch_size=2, grad_accum=1, learning_rate=1e-3, warmup_steps=0,
                     weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
                     max_to_keep=1, peak_tflops=0.0)
-    tx = state_lib.optimizer(t)
-    shardings = state_lib.state_shardings(cfg, tx, mesh)
-    state = state_lib.init_state(M.init_params(cfg, jax.random.key(0)), tx, 0, shardings)
-    step = state_lib.make_train_step(objectives.get("sft"), cfg, tx, state_lib.schedule(t), mesh, shardings, 1)
+    step, state, mesh = state_lib.one_device_step(objectives.get("sft"), cfg, t)
     tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 16)).astype(np.int32)
     batch = {"tokens": tokens, "loss_mask": np.ones((2, 16), np.float32), "segment_ids": np.ones((2, 16), np.int32),
              "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16)).copy()}

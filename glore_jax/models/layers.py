@@ -71,19 +71,31 @@ def _dense_16bit_fwd(x, w):
 def _dense_16bit_bwd(res, g):
     x, w = res
     g = g.astype(x.dtype)
+    # Chosen when lowering, for the platform compiled for (AOT compiles for TPU run on a CPU host).
+    dx, dw = jax.lax.platform_dependent(x, w, g, cpu=_dense_grads_cpu, default=_dense_grads)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+def _dense_grads(x, w, g):
+    """dx = g w^T and dw = x^T g, 16-bit operands, float32 accumulation: native on TPU and GPU."""
+    return (jnp.dot(g, w.T, preferred_element_type=jnp.float32),
+            jnp.dot(x.T, g, preferred_element_type=jnp.float32))
+
+
+def _dense_grads_cpu(x, w, g):
+    """The same products, each with its transposed operand materialised through a 3-D view.
+
+    A plain `w.T` reaches XLA:CPU as a column-major layout (or is folded into
+    the dot's dimensions), which its YNNPACK dots reject, and the dot then runs
+    in float32 like any other. An odd inner size has no such view: plain form.
+    """
     (n, k), m = x.shape, w.shape[1]
     if k % 2:
-        dx, dw = g @ w.T, x.T @ g  # correct everywhere; XLA:CPU runs these two in float32
-    else:
-        # dx = g w^T and dw = x^T g, each with the transposed operand materialised
-        # through a 3-D view: a plain `w.T` reaches XLA:CPU as a column-major
-        # layout (or is folded into the dot's dimensions), which its YNNPACK
-        # dots reject, and the dot is then run in float32 like any other.
-        contract = lambda a, b, i: jax.lax.dot_general(a, b, (((i,), (0,)), ((), ())),  # noqa: E731
-                                                       preferred_element_type=jnp.float32)
-        dx = contract(g, w.reshape(2, k // 2, m).transpose(2, 0, 1), 1).reshape(n, k)
-        dw = contract(x.reshape(n, 2, k // 2).transpose(1, 2, 0), g, 2).reshape(k, m)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+        return _dense_grads(x, w, g)
+    contract = lambda a, b, i: jax.lax.dot_general(a, b, (((i,), (0,)), ((), ())),  # noqa: E731
+                                                   preferred_element_type=jnp.float32)
+    return (contract(g, w.reshape(2, k // 2, m).transpose(2, 0, 1), 1).reshape(n, k),
+            contract(x.reshape(n, 2, k // 2).transpose(1, 2, 0), g, 2).reshape(k, m))
 
 
 _dense_16bit.defvjp(_dense_16bit_fwd, _dense_16bit_bwd)

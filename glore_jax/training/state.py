@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 from glore_jax import hardware, sharding as shd
-from glore_jax.models import ModelConfig, abstract_params, param_shardings
+from glore_jax.models import ModelConfig, abstract_params, init_params, param_shardings
 from glore_jax.objectives import Objective, finalize
 from glore_jax.training.config import TrainConfig
 
@@ -196,3 +196,15 @@ def make_eval_step(objective: Objective, model: ModelConfig, mesh: Mesh):
         return metrics
 
     return jax.jit(step, out_shardings=shd.replicated(mesh))
+
+
+def one_device_step(objective: Objective, model: ModelConfig, t: TrainConfig, seed: int = 0):
+    """(jitted step, fresh state, mesh) on this process's first device, built as the trainer builds them.
+
+    For what times or inspects one step in isolation (`benchmarks/train.py`, tests).
+    """
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    tx = optimizer(t)
+    shardings = state_shardings(model, tx, mesh)
+    state = init_state(init_params(model, jax.random.key(seed)), tx, seed, shardings)
+    return make_train_step(objective, model, tx, schedule(t), mesh, shardings, t.grad_accum), state, mesh
