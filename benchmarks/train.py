@@ -9,8 +9,8 @@ on both sides. glore_jax runs its real jitted step (`training.state`,
 the `sft` objective); torch runs `LlamaForCausalLM` eagerly and under
 `torch.compile`, in float32 and in bf16 (autocast), in a child process
 (importing torch beside XLA slows XLA:CPU, see `benchmarks/sampling.py`).
-JAX is timed before and after the torch child and the faster block counts,
-so a load spike on the shared machine hurts neither side alone. Figures are
+The two sides alternate, JAX, torch, JAX, torch, and each keeps its faster
+block, so a load spike on the shared machine hurts neither side alone. Figures are
 the fastest of several steps after warm-up.
 
 Also reported: each side's achieved GFLOP/s (6 x params x tokens plus
@@ -166,9 +166,16 @@ def main():
     info = cpu_info()
     results = {**info, "jax": jax.__version__, "model": json.loads(base.to_json()), "params_m": base.num_params() / 1e6, "batch": BATCH, "seq": SEQ,
                "tokens_per_step": BATCH * SEQ, "dtypes": {}}
+    # Two blocks per side, alternating (JAX, torch, JAX, torch); each side keeps its faster block.
     jax_first = {d: jax_step_time(base.replace(dtype=d), repeats) for d in dtypes}
     torch = torch_times(base, repeats)
     jax_after = {d: jax_step_time(base.replace(dtype=d), repeats) for d in dtypes}
+    torch_again = torch_times(base, repeats)
+    for key, value in torch_again.items():
+        if isinstance(value, float) and (torch.get(key) is None or value < torch[key]):
+            torch[key] = value
+        elif key == "matmul_gflops":
+            torch[key] = {d: max(value[d], torch[key][d]) for d in value}
     flops_per_token = base.flops_per_token(SEQ)
     nominal = metrics_lib.peak_tflops(0.0) * 1e12
     for d in dtypes:
