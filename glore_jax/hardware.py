@@ -40,8 +40,8 @@ CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # dot in bf16; without them every bf16 dot runs in float32 after converting
 # both operands, and the bf16 step was slower than the float32 one (see
 # `models.layers.dense`, which puts every weight matmul and its gradient in
-# that form). A demo-model step on a 2-core AMD EPYC (2026-12-02): ~250 ms
-# -> ~180 ms, against ~205 ms in float32.
+# that form). A demo-model step on a 2-core AMD EPYC (2026-12-02, alternating in
+# one process): 215 -> 179 ms, against 200 ms in float32.
 CPU_TRAIN_OPTIONS_NATIVE_BF16 = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from glore_jax.errors import ConfigError
 from glore_jax.models.forward import next_token_nll
 
