@@ -246,6 +246,26 @@ def test_mlp_decode_view_agrees_with_the_one_param_layout():
     assert not any(GATE_UP in jax.tree_util.keystr(path) for path, _ in saved)
 
 
+def test_attention_decode_view_agrees_with_the_one_param_layout():
+    """The sampler's fused qkv view (derived, never saved) computes the training layout's attention."""
+    from glore_jax.models.decoding import decode_weights
+    from glore_jax.models.layers import QKV, Attention
+    params = M.init_params(TINY, jax.random.key(5))
+    _, layers = decode_weights(TINY, params)
+    x = jax.random.normal(jax.random.key(6), (2, 3, TINY.embed_dim))
+    positions = jnp.asarray([[0, 1, 2], [4, 5, -1]], jnp.int32)
+    stacked = params["backbone"]["layers"]["attn"]
+    for i, layer in enumerate(layers):
+        plain = {k: v[i] for k, v in stacked.items()}
+        assert set(plain) == {"q", "k", "v", "o"} and set(layer["attn"]) == {QKV, "o"}
+        want, (wk, wv) = Attention(TINY).apply({"params": plain}, x, positions, None, None, None)
+        got, (gk, gv) = Attention(TINY).apply({"params": layer["attn"]}, x, positions, None, None, None)
+        for a, b in ((got, want), (gk, wk), (gv, wv)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    saved = jax.tree_util.tree_flatten_with_path(params)[0]
+    assert not any(QKV in jax.tree_util.keystr(path) for path, _ in saved)
+
+
 def _autodiff_attention(q, k, v, mask):
     """The textbook form, differentiated by JAX: what `self_attention`'s hand-written gradient must equal."""
     s = jnp.einsum("bkgtd,bkds->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))

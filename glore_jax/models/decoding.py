@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from glore_jax.models.config import ModelConfig
-from glore_jax.models.layers import GATE_UP, Block
+from glore_jax.models.layers import GATE_UP, QKV, Block, rope_angles
 from glore_jax.models.params import Params
 from glore_jax.models.transformer import CACHE_K_AXES, CACHE_V_AXES, Backbone, KVCache, LMHead
 
@@ -96,7 +96,10 @@ def decode_weights(config: ModelConfig, params: Params, *, split: bool = True
     def fuse(layer: Params) -> Params:
         mlp = dict(layer["mlp"])
         mlp[GATE_UP] = jnp.stack([mlp.pop("gate"), mlp.pop("up")], axis=1)
-        return {**layer, "mlp": mlp}
+        attn = dict(layer["attn"])
+        e = attn["q"].shape[0]
+        attn[QKV] = jnp.concatenate([attn.pop(n).reshape(e, -1) for n in ("q", "k", "v")], axis=1)
+        return {**layer, "mlp": mlp, "attn": attn}
 
     return top, tuple(fuse(cast(layer, 2)) for layer in split_layers({"backbone": {"layers": layers}}))
 
@@ -119,10 +122,12 @@ def decode_step(config: ModelConfig, params: Params, layers: Sequence[Params], t
     backbone = Backbone(c, parent=None)
     bb = {"params": params["backbone"]}
     x = backbone.apply(bb, tokens, method=Backbone.embed)
+    rotary = rope_angles(positions, c.head_dim, c.rope_theta)  # once for all layers
     ks, vs = [], []
     for i, layer in enumerate(layers):
         context = tuple((r.k[i], r.v[i]) for r in reads)
-        x, (k, v) = Block(c, parent=None).apply({"params": layer}, x, context, positions, None, context_pos, slot)
+        x, (k, v) = Block(c, parent=None).apply({"params": layer}, x, context, positions, None, context_pos, slot,
+                                                rotary)
         ks.append(k)
         vs.append(v)
     x = backbone.apply(bb, x, method=Backbone.finish)

@@ -27,6 +27,18 @@ def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str,
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
+# The one parameter layout is q/k/v/o in attention and `gate`/`up`/`down` in the
+# MLP: what init, training, checkpoints and HF conversion all see. `qkv`
+# [E, (H + 2 KVH) D] and `gate_up` [E, 2, F] are not a second layout but views
+# `decoding.decode_weights` derives inside the sampler and never saves: at
+# decode's few rows one fused matmul runs faster than several on XLA:CPU
+# (gate/up ~1.7x; q/k/v ~7% of a demo-preset decode step at batch 64), while
+# training keeps the separate weights its scan and backward were tuned on.
+# `test_models` checks that both paths agree.
+GATE_UP = "gate_up"
+QKV = "qkv"
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: jnp.dtype
@@ -101,16 +113,31 @@ def _dense_grads_cpu(x, w, g):
 _dense_16bit.defvjp(_dense_16bit_fwd, _dense_16bit_bwd)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split convention (as in HF Llama). x: [B, T, N, D], positions: [B, T]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    phase = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(phase)[:, :, None, :]
-    sin = jnp.sin(phase)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """The rotary factors (cos, signed sin), each float32 [B, T, 1, head_dim], for `apply_rope`.
+
+    Full width, as [cos, cos] and [-sin, sin] over the two halves, so that
+    `apply_rope` is two products and a sum with no concatenation. Computed
+    once per forward and shared by every layer's q and k.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    phase = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, D/2]
+    cos, sin = jnp.cos(phase), jnp.sin(phase)
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([-sin, sin], axis=-1)
+
+
+def apply_rope(x: jax.Array, rotary: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary embedding, half-split convention (as in HF Llama). x: [B, T, N, D]; rotary: `rope_angles`.
+
+    out = x * cos + swap_halves(x) * sin, with the sign in `sin`: the same
+    numbers as [x1 cos - x2 sin, x2 cos + x1 sin], without splitting x and
+    concatenating the halves, which XLA:CPU ran as slow concatenate fusions
+    (a decode step of the demo preset: 9-12% faster this way, alternating runs).
+    """
+    cos, sin = rotary
+    x32 = x.astype(jnp.float32)
+    swapped = jnp.flip(x32.reshape(*x.shape[:-1], 2, x.shape[-1] // 2), axis=-2).reshape(x.shape)
+    return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
@@ -213,8 +240,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 context: tuple | None, context_pos: tuple | None, write_slot: jax.Array | None = None):
-        """x: [B, T, E]; context: cached (k, v) segments, k [Bs, KVH, D, S] and v [Bs, KVH, S, D].
+                 context: tuple | None, context_pos: tuple | None, write_slot: jax.Array | None = None,
+                 rotary: tuple[jax.Array, jax.Array] | None = None):
+        """x: [B, T, E]; rotary: `rope_angles(positions)`, computed here if None; context: cached (k, v) segments, k [Bs, KVH, D, S] and v [Bs, KVH, S, D].
 
         Attends jointly (one softmax) over every context segment, whose slots are
         visible by `context_pos` ([Bs, S] each, -1 = empty), and this call's own
@@ -233,21 +261,28 @@ class Attention(nn.Module):
         """
         c = self.config
         dt = c.compute_dtype
-        wq = param(self, "q", (c.embed_dim, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"))
-        wk = param(self, "k", (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
-        wv = param(self, "v", (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
         wo = param(self, "o", (c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"))
 
         b, t, e = x.shape
         # Projections on [B*T, E] rows (see `MLP`): the 3-D einsums' backward was slower on XLA:CPU.
         x2 = x.astype(dt).reshape(b * t, e)
-        project = lambda w: dense(x2, w.reshape(e, -1), dt).astype(dt).reshape(b, t, w.shape[1], w.shape[2])  # noqa: E731
-        q, k, v = project(wq), project(wk), project(wv)
+        if self.has_variable("params", QKV):
+            # The decode layout (`decoding.decode_weights`): q, k and v side by side, one matmul.
+            qkv = dense(x2, self.get_variable("params", QKV), dt).astype(dt)
+            sizes = np.cumsum([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim])
+            q, k, v = (a.reshape(b, t, -1, c.head_dim) for a in jnp.split(qkv, sizes, axis=-1))
+        else:
+            wq = param(self, "q", (c.embed_dim, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"))
+            wk = param(self, "k", (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
+            wv = param(self, "v", (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
+            project = lambda w: dense(x2, w.reshape(e, -1), dt).astype(dt).reshape(b, t, w.shape[1], w.shape[2])  # noqa: E731
+            q, k, v = project(wq), project(wk), project(wv)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads",
                           "activation_head_dim"))
-        q = apply_rope(q, positions, c.rope_theta)
-        k = apply_rope(k, positions, c.rope_theta)
+        if rotary is None:
+            rotary = rope_angles(positions, c.head_dim, c.rope_theta)
+        q, k = apply_rope(q, rotary), apply_rope(k, rotary)
 
         d = q.shape[-1]
         kvh, g = c.num_kv_heads, c.num_heads // c.num_kv_heads
@@ -313,15 +348,6 @@ class Attention(nn.Module):
         return constrain(out.reshape(b, t, e), ("activation_batch", "activation_length", "activation_embed")), returned
 
 
-# The one parameter layout is `gate` [E, F] and `up` [E, F]: what init, training,
-# checkpoints and HF conversion all see. `gate_up` [E, 2, F] is not a second
-# layout but a view `decoding.decode_weights` derives inside the sampler and
-# never saves: at decode's few rows one fused matmul runs ~1.7x faster than
-# two on XLA:CPU, while in training the unfused pair is what the scan and its
-# backward pass were tuned on. `test_models` checks that both paths agree.
-GATE_UP = "gate_up"
-
-
 class MLP(nn.Module):
     config: ModelConfig
 
@@ -358,11 +384,12 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: tuple | None, positions: jax.Array,
-                 segment_ids: jax.Array | None, context_pos: tuple | None, write_slot: jax.Array | None = None):
-        """context: this layer's cached (k, v) segments; context_pos: their slot positions (see Attention)."""
+                 segment_ids: jax.Array | None, context_pos: tuple | None, write_slot: jax.Array | None = None,
+                 rotary: tuple[jax.Array, jax.Array] | None = None):
+        """context: this layer's cached (k, v) segments; context_pos: their slot positions; rotary: see Attention."""
         c = self.config
         h, kv = Attention(c, name="attn")(RMSNorm(c.norm_eps, c.compute_dtype, name="attn_norm")(x),
-                                          positions, segment_ids, context, context_pos, write_slot)
+                                          positions, segment_ids, context, context_pos, write_slot, rotary)
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.compute_dtype, name="mlp_norm")(x))
         return constrain(x, ("activation_batch", "activation_length", "activation_embed")), kv

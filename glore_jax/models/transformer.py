@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from glore_jax.models.config import ModelConfig
-from glore_jax.models.layers import Block, RMSNorm, dense, param, write_slots
+from glore_jax.models.layers import Block, RMSNorm, dense, param, rope_angles, write_slots
 from glore_jax.sharding import constrain
 
 # Logical axes of the stacked k [L, B, KVH, D, S] and v [L, B, KVH, S, D] (see `layers.Attention`).
@@ -72,7 +72,7 @@ class Backbone(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
             # Shallow models unroll: XLA:CPU copies each layer's slice of the stacked
             # residuals and grads inside a rolled loop (~11% of a demo-model train
@@ -89,7 +89,8 @@ class Backbone(nn.Module):
             raise ValueError("Packed segments are a training-time layout; they cannot use a KV cache")
         context = None if cache is None else ((cache.k, cache.v),)
         context_pos = None if cache is None else (cache.pos,)
-        x, (k, v) = self.layers(x, context, positions, segment_ids, context_pos)
+        rotary = rope_angles(positions, self.config.head_dim, self.config.rope_theta)  # once for all layers
+        x, (k, v) = self.layers(x, context, positions, segment_ids, context_pos, None, rotary)
         x = self.finish(x)
         if cache is not None:
             # One in-place write of every layer's new keys, after the scan.
