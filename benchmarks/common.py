@@ -22,6 +22,16 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def matmul_gflops(dtype: str, repeats: int) -> float:
+    """This machine's practical matmul rate in `dtype` (float32 accumulation), [1024, 4096] x [4096, 1024], GFLOP/s."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((1024, 4096), dtype)
+    b = jnp.ones((4096, 1024), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    return 2 * 1024 * 4096 * 1024 / best_time(lambda: f(a, b).block_until_ready(), repeats) / 1e9
+
+
 def cpu_info() -> dict:
     """The CPU model and whether it multiplies bf16 natively (AMX-BF16 or AVX512-BF16) or emulates it."""
     model, flags = platform.processor() or platform.machine(), set()

@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import best_time, cpu_info, save  # noqa: E402
+from benchmarks.common import best_time, cpu_info, matmul_gflops, save  # noqa: E402
 from glore_jax import hardware, models as M, objectives  # noqa: E402
 from glore_jax import sharding as shd  # noqa: E402
 from glore_jax.training import metrics as metrics_lib, state as state_lib  # noqa: E402
@@ -71,13 +71,6 @@ def jax_step_time(cfg, repeats: int) -> float:
         holder[0], m = step(holder[0], batch)
         jax.block_until_ready(m["loss"])
     return best_time(run, repeats)
-
-
-def matmul_gflops(dtype: str, repeats: int) -> float:
-    a = jnp.ones((1024, 4096), dtype)
-    b = jnp.ones((4096, 1024), dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    return 2 * 1024 * 4096 * 1024 / best_time(lambda: f(a, b).block_until_ready(), repeats) / 1e9
 
 
 def torch_times(cfg, repeats: int) -> dict:
