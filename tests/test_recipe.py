@@ -39,6 +39,23 @@ def test_sorm_labels_follow_the_definition_before_balancing():
     assert got[0].verified[1] == [False, True] and got[0].rollouts[1] == ["#### 5", "#### 10"]
 
 
+def test_sorm_rollouts_are_asked_for_by_steps_left_and_come_back_to_their_own_prefix():
+    seen = []
+
+    def echo_policy(queries, k):
+        seen.extend(queries)
+        return [[f"{question} {prefix.count(chr(10))} #### {i}" for i in range(k)] for question, prefix in queries]
+
+    got = sorm_labels.label_solutions(ITEMS, echo_policy, sorm_labels.LabelConfig(k=2, balance=False))
+    # q1 has 3 steps, q2 and q3 have 2: steps left = steps - prefix length, asked for most first.
+    left = [{"q1": 3, "q2": 2, "q3": 2}[q] - prefix.count("\n") for q, prefix in seen]
+    assert left == sorted(left, reverse=True) and len(seen) == 4 + 3 + 3
+    assert seen[0] == ("q1", "")
+    for item, labelled in zip(ITEMS, got):
+        assert labelled.rollouts == [[f"{item[0]} {j} #### {i}" for i in range(2)]
+                                     for j in range(len(labelled.steps) + 1)]
+
+
 def test_sorm_balancing_equalises_each_index_by_masking_the_majority():
     unbalanced = sorm_labels.label_solutions(ITEMS, table_policy, sorm_labels.LabelConfig(k=2, balance=False))
     for seed in range(5):

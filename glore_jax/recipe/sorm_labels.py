@@ -205,9 +205,18 @@ def label_solutions(items: Sequence[tuple[str, str, str]], rollout_fn: RolloutFn
     steps_of = [split_steps(sol) for _, _, sol in items]
     queries = [(q, prefix_text(steps, j)) for (q, _, _), steps in zip(items, steps_of)
                for j in range(len(steps) + 1)]
-    flat = rollout_fn(queries, config.k) if queries else []
-    if len(flat) != len(queries) or any(len(r) != config.k for r in flat):
+    # Rolled out in order of steps left to write, most first; results come back in query order.
+    # Why: a sampler call lasts as long as its longest row, and in solution order every call
+    # mixed empty prefixes (a whole solution to write) with complete ones (one line left).
+    # Prefixes with as many steps left run about equally long, so each call stops early.
+    left = [len(steps) - j for steps in steps_of for j in range(len(steps) + 1)]
+    order = sorted(range(len(queries)), key=lambda i: -left[i])
+    got = rollout_fn([queries[i] for i in order], config.k) if queries else []
+    if len(got) != len(queries) or any(len(r) != config.k for r in got):
         raise ValueError(f"rollout_fn must return {config.k} continuations for each of {len(queries)} prefixes")
+    flat = [None] * len(queries)
+    for i, r in zip(order, got):
+        flat[i] = r
     out, cursor = [], 0
     for (question, gold, solution), steps in zip(items, steps_of):
         rollouts = flat[cursor:cursor + len(steps) + 1]
