@@ -261,8 +261,6 @@ class Attention(nn.Module):
         """
         c = self.config
         dt = c.compute_dtype
-        wo = param(self, "o", (c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"))
-
         b, t, e = x.shape
         # Projections on [B*T, E] rows (see `MLP`): the 3-D einsums' backward was slower on XLA:CPU.
         x2 = x.astype(dt).reshape(b * t, e)
@@ -272,11 +270,14 @@ class Attention(nn.Module):
             sizes = np.cumsum([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim])
             q, k, v = (a.reshape(b, t, -1, c.head_dim) for a in jnp.split(qkv, sizes, axis=-1))
         else:
+            # Declared in this order (q, k, v, o) because flax draws each param's init from the
+            # module's RNG in declaration order: another order is another init for the same seed.
             wq = param(self, "q", (c.embed_dim, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"))
             wk = param(self, "k", (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
             wv = param(self, "v", (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
             project = lambda w: dense(x2, w.reshape(e, -1), dt).astype(dt).reshape(b, t, w.shape[1], w.shape[2])  # noqa: E731
             q, k, v = project(wq), project(wk), project(wv)
+        wo = param(self, "o", (c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"))
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads",
                           "activation_head_dim"))
