@@ -111,9 +111,16 @@ def _pinned_dtype(workdir: str, dtype: str | None) -> str | None:
 
 def _stage_experiment(config, stage: str, stage_config):
     from glore_jax.training import config as train_config
+    from glore_jax.recipe.stages import VAL_ACCURACY
     c = stage_config(config, stage)
     c.unlock()
     c.data.eval_split = ""   # every stage trains on records the pipeline made; it evaluates its models itself
+    if stage == ("ei" if config.glore.ei_rounds else "policy") and config.glore.policy_val_target > 0:
+        # The policy's competence, not its step count, is what the recipe needs to match (the paper refines
+        # a ~53% policy): the stage that makes the final policy stops once it is there, judged on the
+        # validation questions, never on test. A seed whose init learns fast then stops early.
+        c.train.eval_every, c.train.stop_metric = config.glore.policy_eval_every, VAL_ACCURACY
+        c.train.stop_at = config.glore.policy_val_target
     c.lock()
     return train_config.experiment(c)
 

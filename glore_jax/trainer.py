@@ -204,8 +204,9 @@ def done_info(workdir: str) -> dict:
 
 
 def _finished(exp: Experiment) -> int | None:
-    step = done_info(exp.workdir).get("step")
-    return step if step is not None and step >= exp.train.total_steps else None
+    done = done_info(exp.workdir)
+    step = done.get("step")
+    return step if step is not None and (step >= exp.train.total_steps or done.get("stopped_early")) else None
 
 
 def _loss_eval(run: Run) -> LossEval | None:
@@ -229,19 +230,22 @@ def _loop(run: Run, state: state_lib.TrainState, source: ExperienceSource, evalu
     # The current state's frozen trees, for a source that reads them: the step donates the state, so
     # earlier arrays are gone.
     frozen = (lambda st: {"frozen": st.frozen}) if getattr(source, "reads_frozen", False) else (lambda st: {})
+    evaluate = lambda: {k: v for e in evaluators for k, v in e(state_lib.model_params(state), state.frozen).items()}  # noqa: E731
     with Session(run, start) as session:
+        stop = t.total_steps if not session.stops_at_resume(start, evaluate) else start
         batch = source.next(state.params, start, jax.random.fold_in(rng, start), **frozen(state)) \
-            if start < t.total_steps else None
-        for step in range(start, t.total_steps):
+            if start < stop else None
+        for step in range(start, stop):
             state, metrics = train_step(state, device_arrays(batch))
             source_state = source.state()  # the position after this step's batch
             padded = int(batch["tokens"].size) if "tokens" in batch else 0
             if step + 1 < t.total_steps:  # fetched while the step runs on device
                 batch = source.next(state.params, step + 1, jax.random.fold_in(rng, step + 1), **frozen(state))
-            session.record(step + 1, jax.device_get(metrics), padded,
-                           evaluate=lambda: {k: v for e in evaluators for k, v in e(state_lib.model_params(state), state.frozen).items()},
+            session.record(step + 1, jax.device_get(metrics), padded, evaluate=evaluate,
                            source_metrics=getattr(source, "metrics", None))
             session.maybe_checkpoint(step + 1, state, source_state)
+            if session.stopped_early:
+                break
         stats = getattr(source, "stats", None)
         if stats is not None and getattr(run.records, "skipped", 0):
             stats = {**stats, "skipped_records": run.records.skipped}

@@ -69,3 +69,41 @@ def test_value_model_wiring_follows_the_knobs():
         GloreConfig(**{**base, "sorm_wrong_share": 1.5})
     with pytest.raises(ConfigError, match="value_eval_split"):
         GloreConfig(**{**base, "value_eval_split": "train"})
+
+
+def test_the_final_policy_stage_stops_on_greedy_accuracy_over_the_validation_questions(monkeypatch, tmp_path,
+                                                                                       shared_dir):
+    """glore.policy_val_target: the stage making the final policy (EI, or the SFT without EI) evaluates
+    greedy accuracy on the validation questions (carved from train) and stops on it; no other stage does."""
+    import types
+
+    from glore_jax import pipeline
+    from glore_jax.recipe import stages as S
+    from glore_jax.recipe.config import GloreConfig, stage_config
+    from glore_jax.tokenizer import Tokenizer
+    c = _load(next(p for p in CONFIGS if p.stem == "demo")).get_config()
+    c.unlock()
+    c.glore.policy_val_target = 0.5
+    exp = {s: pipeline._stage_experiment(c, s, stage_config) for s in ("policy", "ei", "orm")}
+    assert (exp["ei"].train.stop_metric, exp["ei"].train.stop_at, exp["ei"].train.eval_every) == (
+        S.VAL_ACCURACY, 0.5, 25)
+    assert exp["policy"].train.stop_metric == exp["orm"].train.stop_metric == ""
+    c.glore.ei_rounds = 0
+    assert pipeline._stage_experiment(c, "policy", stage_config).train.stop_metric == S.VAL_ACCURACY
+    c.glore.policy_val_target = 0.0
+    assert pipeline._stage_experiment(c, "policy", stage_config).train.stop_metric == ""
+
+    seen = {}
+    monkeypatch.setattr(S.trainer, "train", lambda e, **kw: seen.update(kw) or ("model", "params"))
+    tok = Tokenizer.load(shared_dir / "tokenizers" / "mistral-7b-v0.1" / "tokenizer.model")
+    val, test = [{"question": "What is 1 + 1?", "gold": "2"}], [{"question": "What is 2 + 2?", "gold": "4"}]
+    c.glore.policy_val_target, c.glore.ei_rounds = 0.5, 1
+    ctx = S.Context(g=GloreConfig.from_config(c.glore), seed=0, task="synthetic", max_len=176, mesh=None,
+                    tokenizer=tok, train=[], test=test, val=val, stages=exp)
+    ctx.train_model("ei", str(tmp_path), records=[])
+    (make,) = seen["evaluators"]
+    run = types.SimpleNamespace(tokenizer=tok, model=None, mesh=None, exp=exp["ei"])
+    evaluator = make(run)
+    assert evaluator.records == val and evaluator.name == S.VAL_ACCURACY
+    ctx.train_model("orm", str(tmp_path), records=[])
+    assert seen["evaluators"] == []

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from glore_jax import data, objectives, trainer
+from glore_jax.errors import ConfigError
 from glore_jax.data.labelled import SyntheticLabelled
 from glore_jax.data.store import RecordsFile, write_records
 from glore_jax.models import checkpoints as model_checkpoints, init_params, preset
@@ -123,6 +124,48 @@ def test_resume_is_exact_including_data_order(ema_decay, task_records, tokenizer
     # A finished workdir is not retrained: the saved model comes back.
     _, params_c = trainer.train(c, records=records, mesh=one_device)
     assert _max_diff(params_a, params_c) < 1e-5 and len(_metrics(tmp_path / "b")) == 8
+
+
+def _scored(values, calls):
+    """An evaluator factory whose n-th eval scores values[n] (the last value from then on)."""
+    def make(run):
+        def evaluate(params, frozen):
+            calls.append(1)
+            return {"acc": values[min(len(calls), len(values)) - 1]}
+        return evaluate
+    return make
+
+
+def test_a_run_ends_at_the_first_eval_that_reaches_stop_at_and_a_kill_there_resumes_to_the_same_end(
+        task_records, tokenizer_path, one_device, tmp_path):
+    c = _config(tokenizer_path, tmp_path, total_steps=12, eval_every=2, log_every=1, checkpoint_every=100,
+                stop_metric="acc", stop_at=0.5)
+    calls = []
+    _, params = trainer.train(c, records=task_records, evaluators=[_scored([0.0, 0.25, 0.5], calls)], mesh=one_device)
+    done = trainer.done_info(c.workdir)
+    assert done["step"] == 6 and done["stopped_early"] == {"step": 6, "metric": "acc", "value": 0.5}
+    assert [r["step"] for r in _metrics(tmp_path)][-1] == 6 and len(calls) == 3
+    assert Checkpoints(c.workdir, max_to_keep=2).latest_step() == 6
+    # Finished: a rerun loads the model, evaluating and training nothing.
+    trainer.train(c, records=task_records, evaluators=[_scored([0.0], calls)], mesh=one_device)
+    assert len(calls) == 3 and len(_metrics(tmp_path)) == 6
+    # Killed after the stop's checkpoint, before the model was saved: the same eval decides again at step 6.
+    os.remove(os.path.join(c.workdir, trainer.DONE_FILE))
+    _, again = trainer.train(c, records=task_records, evaluators=[_scored([0.5], calls)], mesh=one_device)
+    assert trainer.done_info(c.workdir)["step"] == 6 and len(_metrics(tmp_path)) == 6 and len(calls) == 4
+    assert _max_diff(params, again) == 0.0
+
+
+def test_a_stop_metric_that_is_never_reached_or_not_evaluated(task_records, tokenizer_path, one_device, tmp_path):
+    c = _config(tokenizer_path, tmp_path / "a", total_steps=4, eval_every=2, stop_metric="acc", stop_at=0.5)
+    trainer.train(c, records=task_records, evaluators=[_scored([0.25], [])], mesh=one_device)
+    assert trainer.done_info(c.workdir)["step"] == 4 and trainer.done_info(c.workdir)["stopped_early"] is None
+    c.workdir = str(tmp_path / "b")
+    with pytest.raises(ConfigError, match="stop_metric 'acc' is not among this run's evals"):
+        trainer.train(c, records=task_records, mesh=one_device)
+    c.train.eval_every = 0
+    with pytest.raises(ConfigError, match="eval_every"):
+        trainer.train(c, records=task_records, mesh=one_device)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(task_records, tokenizer_path, one_device, tmp_path):

@@ -40,6 +40,9 @@ SORM_INITS = {"policy": "policy_final", "orm": "orm"}
 
 def glore_knobs() -> ConfigDict:
     g = ConfigDict()
+    g.policy_val_target = 0.0       # > 0: the stage making the final policy (each EI round; `policy` without EI) ends
+    g.policy_eval_every = 25        #   at the first eval (every this many steps) whose validation greedy accuracy
+                                    #   reaches this; its total_steps is then a cap
     g.ei_rounds = 1                 # Expert Iteration rounds after SFT
     g.ei_k = 4                      # samples per train question per round (paper: 96)
     g.ei_from_base = True           # re-fine-tune from the base model each round (paper) or continue
@@ -81,6 +84,8 @@ class GloreConfig:
 
     ei_rounds: int
     ei_k: int
+    policy_val_target: float = 0.0
+    policy_eval_every: int = 25
     ei_from_base: bool
     train_questions: int
     temperature: float
@@ -117,6 +122,9 @@ class GloreConfig:
             raise ConfigError(f"glore.sorm_init must be one of {sorted(SORM_INITS)}, got {self.sorm_init!r}")
         if not 0 <= self.sorm_wrong_share <= 1:
             raise ConfigError(f"glore.sorm_wrong_share must be in [0, 1], got {self.sorm_wrong_share}")
+        if not 0 <= self.policy_val_target <= 1 or self.policy_eval_every <= 0:
+            raise ConfigError(f"glore.policy_val_target must be in [0, 1] and glore.policy_eval_every > 0, got "
+                              f"{self.policy_val_target} and {self.policy_eval_every}")
         if self.value_eval_split not in ("test", "val"):
             raise ConfigError(f"glore.value_eval_split must be 'test' or 'val', got {self.value_eval_split!r}")
 

@@ -80,6 +80,12 @@ def markdown(report: Mapping) -> str:
         src = r["refine_pairs_by_source"]
         lines += ["", "Refinement pairs by source: " + "; ".join(
             f"{kind}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) for kind, counts in src.items())]
+    for stage, trained in (report.get("policy_training") or {}).items():
+        if trained.get("stopped_early"):
+            stop = trained["stopped_early"]
+            cap = report.get("config", {}).get("stages", {}).get(stage.split("_")[0], {}).get("total_steps", "?")
+            lines += ["", f"`{stage}` stopped at step {stop['step']} of {cap}: validation greedy accuracy "
+                      f"{_pct(stop['value'])} reached glore.policy_val_target."]
     ei = report.get("expert_iteration")
     if ei and ei.get("rounds"):
         lines += ["", f"Expert Iteration ({ei['rounds']} round(s)): validation greedy accuracy "

@@ -27,8 +27,10 @@ from glore_jax.scoring import ValueScorer
 from glore_jax.tasks import is_correct
 from glore_jax.tokenizer import Tokenizer
 from glore_jax.training.config import Experiment
+from glore_jax.training.evals import GenerationEval
 
 Model = tuple[ModelConfig, Any]
+VAL_ACCURACY = "val_accuracy"   # the eval a stage stops on: greedy accuracy on Context.val
 
 
 @dataclasses.dataclass
@@ -92,7 +94,11 @@ class Context:
 
     def train_model(self, stage: str, workdir: str, *, records: str | Sequence[dict], init: Model | None = None) -> Model:
         """Trains (or resumes, or loads when finished) one stage's model on `records`."""
-        model = trainer.train(self.stages[stage], records=records, init_params=init, workdir=workdir)
+        exp = self.stages[stage]
+        # Greedy accuracy on the validation questions, for a stage told to stop on it (glore.policy_val_target).
+        evaluators = [lambda run: GenerationEval(run, self.val, max_new=self.g.max_new_tokens, rows=self.g.sample_rows,
+                                                 name=VAL_ACCURACY)] if exp.train.stop_metric == VAL_ACCURACY else []
+        model = trainer.train(exp, records=records, init_params=init, workdir=workdir, evaluators=evaluators)
         data = trainer.done_info(workdir).get("data", {})
         self._train_counts = {"train_examples": data.get("examples", 0),
                               "train_prompts_cut": data.get("prompt_truncated", 0),

@@ -18,6 +18,7 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
+from glore_jax import trainer
 from glore_jax.data.store import RecordsFile
 from glore_jax.recipe import inference as inference_lib, report as report_lib, sorm_labels, stages as S
 from glore_jax.recipe.config import SORM_INITS, GloreConfig
@@ -38,7 +39,9 @@ def _train(name: str, key: str, does: str, records: str | None, init: str | None
     def run(ctx: S.Context, io: StageIO) -> dict:
         cfg, params = ctx.models[name] = ctx.train_model(key, io.dir, records=io[records] if records else ctx.train,
                                                          init=io[init] if init else None)
-        return {"model": os.path.join(io.dir, "model"), "params_m": cfg.num_params() / 1e6}
+        done = trainer.done_info(io.dir)
+        return {"model": os.path.join(io.dir, "model"), "params_m": cfg.num_params() / 1e6, "steps": done.get("step"),
+                **({"stopped_early": done["stopped_early"]} if done.get("stopped_early") else {})}
     return Stage(name=name, does=does, run=run, reads=tuple(x for x in (records, init) if x), writes=(name,))
 
 
@@ -152,10 +155,13 @@ def _report(ctx: S.Context, io: StageIO) -> dict:
                                  "final_auroc", "where_accuracy")},
                     **_label_results(summary["sorm_labels"], g.check_intermediate),
                     "refine_pairs_by_source": summary["refine_data"]["by_source"]},
+        # The steps each policy stage trained, and where one stopped on glore.policy_val_target.
+        "policy_training": {k: {"steps": summary[k].get("steps"), "stopped_early": summary[k].get("stopped_early")}
+                            for k in _policy_stages(g)},
         "expert_iteration": _ei_effect(summary, g.ei_rounds),
         "value_eval": value["evals"], "step_truth": value["truth"], "value_eval_split": g.value_eval_split,
         "stages": {k.removesuffix("_samples") if k.startswith("ei_") else k: v for k, v in summary.items()
-                   if k.startswith("ei_") or k in ("orm_samples", "sorm_labels", "refine_data", "calibrate")},
+                   if k.startswith("ei_") and k.endswith("_samples") or k in ("orm_samples", "sorm_labels", "refine_data", "calibrate")},
         "truncation": {"per_stage": {k: v for k, v in io.truncation.items() if v},
                        "warnings": [f"{stage}: {w}" for stage, counts in io.truncation.items()
                                     for w in truncation_warnings(counts)]},
@@ -174,6 +180,10 @@ def _label_results(labels_summary: dict, check_intermediate: bool) -> dict:
     quality = labels_summary.get("label_quality", {}).get(f"check_{'on' if check_intermediate else 'off'}", {})
     return {"sorm_label_precision": quality.get("precision", float("nan")),
             "sorm_label_recall": quality.get("recall", float("nan"))}
+
+
+def _policy_stages(g: GloreConfig) -> list[str]:
+    return ["policy"] + [f"ei_{r}" for r in range(1, g.ei_rounds + 1)]
 
 
 def _ei_effect(summary: dict, rounds: int) -> dict:
@@ -244,7 +254,7 @@ def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
               run=_value_eval, reads=VALUE_EVAL_MODELS),
         Stage(name="report", does="report.json, report.md, plots", run=_report,
               reads=tuple(f"{s.name}.summary" for s in table if s.name.startswith("ei_") and s.name.endswith("samples"))
-              + ("orm_samples.summary", "sorm_labels.summary", "refine_data.summary", "calibrate.summary",
+              + tuple(f"{s}.summary" for s in _policy_stages(g)) + ("orm_samples.summary", "sorm_labels.summary", "refine_data.summary", "calibrate.summary",
                  "inference.summary", "value_eval.summary")),
     ]
     return table, aliases

@@ -88,6 +88,8 @@ def base_config() -> ConfigDict:
     c.train.ema_decay = 0.0             # > 0: the model a run hands on is this EMA of its params (state.param_ema)
     c.train.log_every = 10
     c.train.eval_every = 200            # 0 disables periodic eval (it still runs at the end)
+    c.train.stop_metric = ""            # end the run at the first eval where this metric reaches stop_at ('' = never)
+    c.train.stop_at = 0.0               # (total_steps is then a cap; the pipeline stops its policy on validation accuracy)
     c.train.eval_batches = 4
     c.train.checkpoint_every = 200
     c.train.max_to_keep = 2
@@ -132,6 +134,8 @@ def check(config: ConfigDict) -> None:
         raise ConfigError("train.learning_rate must be > 0 and warmup_steps, grad_clip, eval_every >= 0")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
+    if t.stop_metric and not t.eval_every:
+        raise ConfigError(f"train.stop_metric={t.stop_metric!r} needs periodic evals: set train.eval_every > 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,6 +153,8 @@ class TrainConfig:
     log_every: int
     eval_every: int
     eval_batches: int
+    stop_metric: str = ""
+    stop_at: float = 0.0
     checkpoint_every: int
     max_to_keep: int
     peak_tflops: float

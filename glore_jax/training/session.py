@@ -5,6 +5,8 @@
     tokens/s, MFU (on non-pad tokens) and the non-pad share are measured over
     the steps since the last log line, the first (compiling) step excluded;
   - evaluators run every `eval_every` steps and at the end, on the same row;
+    with `stop_metric` set, the first eval where it reaches `stop_at` ends the
+    run there (saved, marked done), so `total_steps` is a cap;
   - a non-finite step raises `NonFiniteLoss` before anything is saved;
   - a checkpoint every `checkpoint_every` steps, at the end, and on SIGTERM,
     after which `Preempted` is raised so the caller exits and reruns later.
@@ -26,6 +28,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from glore_jax import distributed, files
+from glore_jax.errors import ConfigError
 from glore_jax.models import checkpoints as model_checkpoints
 from glore_jax.training import metrics as metrics_lib, state as state_lib
 from glore_jax.training.checkpoints import MODEL_DIR, Checkpoints
@@ -96,6 +99,7 @@ class Session:
         self.last_saved = start or None
         self.started = time.perf_counter()  # this process's share of the job (a resumed run counts from here)
         self.stopping = False
+        self.stopped_early: dict | None = None  # {step, metric, value} once stop_metric reached stop_at
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -158,14 +162,35 @@ class Session:
                 logged["reward_std"] = max(logged.pop("reward_sq") - logged["reward"] ** 2, 0.0) ** 0.5
             self._reset_window()
         if self.eval_due(step):
-            logged = {**(logged or {}), **evaluate()}
+            evals = evaluate()
+            self._check_stop(step, evals)
+            logged = {**(logged or {}), **evals}
         if logged is not None:
             self.writer.write(step, logged)
         self.progress.update(step, logged)
         self.stopping = self.stop.should_stop(step)
 
+    def _check_stop(self, step: int, evals: dict[str, float]) -> None:
+        if not self.t.stop_metric:
+            return
+        if self.t.stop_metric not in evals:
+            raise ConfigError(f"train.stop_metric {self.t.stop_metric!r} is not among this run's evals: "
+                              f"{sorted(evals)}")
+        if evals[self.t.stop_metric] >= self.t.stop_at:
+            self.stopped_early = {"step": step, "metric": self.t.stop_metric, "value": evals[self.t.stop_metric]}
+            logging.info("%s: %s = %.4f reached %s at step %d of %d; ending the run here", self.run.exp.workdir,
+                         self.t.stop_metric, evals[self.t.stop_metric], self.t.stop_at, step, self.t.total_steps)
+
+    def stops_at_resume(self, step: int, evaluate: Callable[[], dict[str, float]]) -> bool:
+        """A run killed after it decided to stop but before its model was saved resumes at that step's
+        checkpoint: the same eval on the same params decides again, rather than training on."""
+        if self.t.stop_metric and 0 < step < self.t.total_steps and self.eval_due(step):
+            self._check_stop(step, evaluate())
+        return self.stopped_early is not None
+
     def maybe_checkpoint(self, step: int, state, source_state: dict) -> None:
-        if step % self.t.checkpoint_every == 0 or step == self.t.total_steps or self.stopping:
+        if (step % self.t.checkpoint_every == 0 or step == self.t.total_steps or self.stopping
+                or self.stopped_early):
             self.last_saved = self.ckpts.save(state, source_state, self.info, frozen=self.saved_frozen)
         if self.stopping:
             self.ckpts.wait()
@@ -188,7 +213,9 @@ class Session:
                                     stats["examples"], key.split("_")[0],
                                     limits.get(key, f"data.max_len={self.run.exp.data.max_len}"))
         if jax.process_index() == 0:
+            step = self.stopped_early["step"] if self.stopped_early else self.t.total_steps
             files.write_json(os.path.join(workdir, DONE_FILE),
-                             {"step": self.t.total_steps, "objective": self.run.objective.name, "data": stats,
+                             {"step": step, "objective": self.run.objective.name, "data": stats,
+                              "stopped_early": self.stopped_early,
                               "peak_rss_gb": peak_rss_gb(), "wall_seconds": time.perf_counter() - self.started})
         return self.run.model, params
