@@ -421,3 +421,27 @@ def test_rerank_candidates_are_graded_refinements_marked_where_the_sorm_drops(tm
     assert marked["q1"].replace(" ", "").startswith("a=1\n[BAD]b=2"), marked["q1"]
     assert marked["q2"].replace(" ", "").startswith("x=1\ny=3\n[BAD]####4"), marked["q2"]
     assert len(list(tmp_path.glob("shard_*.jsonl"))) == 2  # resumable: one shard per draft here
+
+
+def test_sorm_minus_orm_gaps_agree_with_each_models_measures_and_a_hand_case():
+    # Synthetic truth for 3 solutions of 2 questions: steps then the final line (2 steps each here).
+    sols = ["a = 1\nb = 2\n#### 3", "a = 1\nb = 5\n#### 6", "a = 2\nb = 3\n#### 5"]
+    truths = [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    clusters = [0, 0, 1]
+    exact = [np.asarray(t) for t in truths]               # a SORM that reads the truth
+    flat = [np.full(3, 0.6) for _ in truths]              # an ORM that says the same everywhere
+    gaps = value_eval.compare(flat, exact, truths, sols, clusters, resamples=200)
+    # Steps: positives 3, negatives 3. Exact AUROC 1, constant 0.5 -> +0.5. Where: the exact model finds both
+    # first wrong steps; the constant is never below 0.5, so its locator takes the lowest value, the first
+    # position: right for question 1's solution (wrong from step 0), not for question 0's -> +0.5.
+    assert gaps["step_auroc"]["diff"] == pytest.approx(0.5) and gaps["where_accuracy"]["diff"] == pytest.approx(0.5)
+    # Resampling the 2 questions: {0,0} -> +1, {1,1} -> 0, mixed -> +0.5; a quarter at 0 gives p ~ 0.5.
+    assert gaps["where_accuracy"]["ci95"] == [0.0, 1.0] and 0.3 < gaps["where_accuracy"]["p"] < 0.7
+    rng = np.random.default_rng(0)
+    a, b = ([rng.random(3) for _ in truths] for _ in range(2))
+    gaps = value_eval.compare(a, b, truths, sols, clusters, resamples=50)
+    va, vb = (value_eval.value_accuracy(p, truths, sols) for p in (a, b))
+    assert gaps["step_auroc"]["diff"] == pytest.approx(vb["step_auroc"] - va["step_auroc"])
+    assert gaps["where_accuracy"]["diff"] == pytest.approx(vb["where_accuracy"] - va["where_accuracy"])
+    with pytest.raises(ValueError, match="one entry per solution"):
+        value_eval.compare(a, b, truths, sols, clusters[:2])

@@ -4,8 +4,10 @@ import math
 
 import pytest
 
-from glore_jax.recipe.stats import (auroc, balanced_accuracy, mcnemar_exact, mean_ci,
-                                    paired_summary, wilson_interval)
+import numpy as np
+
+from glore_jax.recipe.stats import (_average_ranks, auroc, balanced_accuracy, cluster_bootstrap, mcnemar_exact,
+                                    mean_ci, paired_summary, wilson_interval)
 
 T, F = True, False
 
@@ -143,3 +145,24 @@ def test_mean_ci_single_value():
     m, lo, hi = mean_ci([0.42])
     assert m == pytest.approx(0.42)
     assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_average_ranks_share_ties():
+    assert _average_ranks(np.array([0.3, 0.1, 0.3, 0.2, 0.3])).tolist() == [4.0, 1.0, 4.0, 2.0, 4.0]
+
+
+def test_cluster_bootstrap_hand_case():
+    values = np.array([1.0, -1.0])
+    # Two clusters: resamples {0,0}, {0,1}, {1,0}, {1,1} give means 1, 0, 0, -1 (probabilities 1/4, 1/2, 1/4):
+    # 3/4 of resamples on each side of 0 (inclusive), so p = 1; the percentiles reach both ends.
+    out = cluster_bootstrap(lambda idx: float(values[idx].mean()), 2, resamples=4000, seed=1)
+    assert out["diff"] == 0.0 and out["p"] == 1.0 and out["ci95"] == [-1.0, 1.0] and out["resamples"] == 4000
+    # A gap present in every resample: p is 0 and the interval is the gap itself.
+    assert cluster_bootstrap(lambda idx: 0.25, 5, resamples=50) == {"diff": 0.25, "ci95": [0.25, 0.25], "p": 0.0,
+                                                                    "resamples": 50}
+    # Undefined resamples are dropped and counted; the same seed draws the same resamples.
+    flaky = lambda idx: float("nan") if 0 not in idx else float(len(set(idx.tolist())))  # noqa: E731
+    a, b = (cluster_bootstrap(flaky, 3, resamples=200, seed=7) for _ in range(2))
+    assert a == b and 0 < a["resamples"] < 200
+    with pytest.raises(ValueError, match="at least one cluster"):
+        cluster_bootstrap(lambda idx: 0.0, 0)

@@ -61,8 +61,14 @@ def markdown(report: Mapping) -> str:
         lines.append(f"| {m.upper()} | {_num(r.get(f'{m}_step_auroc'))} | {_pct(r.get(f'{m}_step_balanced_accuracy'))} "
                      f"| {_pct(r.get(f'{m}_step_accuracy'))} | {_num(r.get(f'{m}_final_auroc'))} | "
                      f"{_pct(r.get(f'{m}_final_accuracy'))} | {_pct(r.get(f'{m}_where_accuracy'))} |")
+    gaps = [(name, r[f"sorm_minus_orm_{key}"]) for key, name in (("step_auroc", "step AUROC"),
+                                                                  ("where_accuracy", "where-accuracy"))
+            if f"sorm_minus_orm_{key}" in r]
     lines += ["", f"Measured against {report.get('step_truth', 'ground truth')}. Where-accuracy: share of wrong "
-              "samples whose first wrong step the model's locator finds exactly.", "",
+              "samples whose first wrong step the model's locator finds exactly."
+              + (" SORM minus ORM (95% interval and p from a bootstrap over questions): " + "; ".join(
+                  f"{name} {g['diff']:+.3f} ({g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}, p = {_p(g['p'])})"
+                  for name, g in gaps) + "." if gaps else ""), "",
               f"SORM rollout labels against exact truth: precision {_pct(r.get('sorm_label_precision'))}, "
               f"recall {_pct(r.get('sorm_label_recall'))}.", "",
               "| refiner | wrong drafts fixed | right drafts broken |", "| --- | --- | --- |"]

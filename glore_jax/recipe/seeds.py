@@ -54,6 +54,9 @@ def aggregate(workdirs: Sequence[str]) -> dict:
     # How the refiners compare with a fresh policy sample (`resample`), and what the gate did.
     out["refiners"] = {f"{name}_{what}": [r["results"].get(f"{name}_{what}", float("nan")) for r in reports]
                        for name in ("global", "local", "resample") for what in ("fixed_wrong", "broke_right")}
+    # SORM minus ORM per seed, with each seed's bootstrap interval over its questions (newer runs only).
+    out["sorm_minus_orm"] = {k: [r["results"].get(f"sorm_minus_orm_{k}") for r in reports]
+                             for k in ("step_auroc", "where_accuracy")}
     out["gate"] = {k: [r["results"].get(k, float("nan")) for r in reports] for k in ("orm_threshold", "refine_rate")}
     pooled = {k: [x for _, acc in runs for x in acc[k]] for k in names}
     for base in ("greedy", best_of, next(k for k in names if k.startswith("greedy_plus_"))):
@@ -87,6 +90,11 @@ def markdown(agg: dict) -> str:
         mean, lo, hi = v["mean_ci"]
         lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(f"{x:.3f}" for x in v["per_seed"])
                      + f" | {mean:.3f} ({lo:.3f} to {hi:.3f}) |")
+    for key, gaps in agg.get("sorm_minus_orm", {}).items():
+        if all(gaps):
+            lines.append(f"| SORM minus ORM {key.replace('_', ' ')} (95% bootstrap CI, p) | " + " | ".join(
+                f"{g['diff']:+.3f} ({g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}, p {g['p']:.2g})" for g in gaps)
+                + " | |")
     if agg.get("refiners"):
         lines += ["", head.replace("| |", "| refiner (% of wrong drafts fixed / right drafts broken) |", 1), sep]
         for name in ("global", "local", "resample"):

@@ -227,9 +227,9 @@ def label_quality(ctx: Context, labelled: Sequence[dict]) -> dict:
             for name, flags in variants.items()}
 
 
-def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str) -> tuple[dict, str]:
+def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str) -> tuple[dict, str, dict]:
     """ORM vs SORM step accuracy on policy samples of test (or, glore.value_eval_split=val, validation)
-    questions, against ground truth."""
+    questions, against ground truth; and the SORM-minus-ORM gaps with bootstrap intervals over questions."""
     test = ctx.val if ctx.g.value_eval_split == "val" else ctx.test[:ctx.g.test_questions or None]
     samples = sample_solutions(ctx, models["policy"], test, ctx.g.value_eval_k, os.path.join(stage_dir, "samples"),
                                f"{ctx.g.value_eval_split} samples", seed=ctx.seed + 2)
@@ -245,11 +245,14 @@ def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str) -> 
         truths = [r["labels"] for r in labelled]
         truth_name = f"held-out rollout labels (K={ctx.g.sorm_k})"
     solutions = [s for _, s in items]
-    out = {}
+    out, probs = {}, {}
     for name in ("orm", "sorm"):
-        probs = ctx.scorer(models[name]).step_probs(items)
-        out[name] = value_eval.value_accuracy(probs, truths, solutions, threshold=ctx.g.sorm_threshold)
-    return out, truth_name
+        probs[name] = ctx.scorer(models[name]).step_probs(items)
+        out[name] = value_eval.value_accuracy(probs[name], truths, solutions, threshold=ctx.g.sorm_threshold)
+    questions = [q for q, r in enumerate(samples) for _ in r["solutions"]]
+    gaps = value_eval.compare(probs["orm"], probs["sorm"], truths, solutions, questions,
+                              threshold=ctx.g.sorm_threshold, seed=ctx.seed)
+    return out, truth_name, gaps
 
 
 def summarize_samples(samples: Sequence[dict]) -> dict[str, float]:

@@ -139,8 +139,8 @@ def _inference(ctx: S.Context, io: StageIO) -> dict:
 
 
 def _value_eval(ctx: S.Context, io: StageIO) -> dict:
-    evals, truth = S.value_evaluation(ctx, _models(io, VALUE_EVAL_MODELS), io.dir)
-    return {"evals": evals, "truth": truth}
+    evals, truth, gaps = S.value_evaluation(ctx, _models(io, VALUE_EVAL_MODELS), io.dir)
+    return {"evals": evals, "truth": truth, "sorm_minus_orm": gaps}
 
 
 def _report(ctx: S.Context, io: StageIO) -> dict:
@@ -154,6 +154,7 @@ def _report(ctx: S.Context, io: StageIO) -> dict:
                        for k in ("step_accuracy", "final_accuracy", "step_auroc", "step_balanced_accuracy",
                                  "final_auroc", "where_accuracy")},
                     **_label_results(summary["sorm_labels"], g.check_intermediate),
+                    **{f"sorm_minus_orm_{k}": v for k, v in value.get("sorm_minus_orm", {}).items()},
                     "refine_pairs_by_source": summary["refine_data"]["by_source"]},
         # The steps each policy stage trained, and where one stopped on glore.policy_val_target.
         "policy_training": {k: {"steps": summary[k].get("steps"), "stopped_early": summary[k].get("stopped_early")}
