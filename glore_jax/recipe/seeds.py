@@ -93,7 +93,8 @@ def markdown(agg: dict) -> str:
     for key, gaps in agg.get("sorm_minus_orm", {}).items():
         if all(gaps):
             lines.append(f"| SORM minus ORM {key.replace('_', ' ')} (95% bootstrap CI, p) | " + " | ".join(
-                f"{g['diff']:+.3f} ({g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}, p {g['p']:.2g})" for g in gaps)
+                f"{g['diff']:+.3f} ({g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}, p "
+                + (f"{g['p']:.2g})" if g["p"] else f"< {1 / g['resamples']:.1g})") for g in gaps)
                 + " | |")
     if agg.get("refiners"):
         lines += ["", head.replace("| |", "| refiner (% of wrong drafts fixed / right drafts broken) |", 1), sep]
