@@ -230,7 +230,10 @@ def _loop(run: Run, state: state_lib.TrainState, source: ExperienceSource, evalu
     # The current state's frozen trees, for a source that reads them: the step donates the state, so
     # earlier arrays are gone.
     frozen = (lambda st: {"frozen": st.frozen}) if getattr(source, "reads_frozen", False) else (lambda st: {})
-    evaluate = lambda: {k: v for e in evaluators for k, v in e(state_lib.model_params(state), state.frozen).items()}  # noqa: E731
+
+    def evaluate() -> dict[str, float]:  # reads `state` when called: the loop rebinds it every step
+        return {k: v for e in evaluators for k, v in e(state_lib.model_params(state), state.frozen).items()}
+
     with Session(run, start) as session:
         stop = t.total_steps if not session.stops_at_resume(start, evaluate) else start
         batch = source.next(state.params, start, jax.random.fold_in(rng, start), **frozen(state)) \

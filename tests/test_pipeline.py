@@ -24,6 +24,12 @@ def _check_report(report):
         assert 0 <= results["p_vs_greedy"][row] <= 1, row
     assert report["num_test"] == report["config"]["glore"]["test_questions"] and "seed" in report
     assert set(report["timings"]) >= {"policy", "calibrate", "inference", "value_eval"}
+    # Each policy stage's summary says how many steps it trained (the smoke config sets no stop target).
+    stages = report["config"]["stages"]
+    assert report["policy_training"]["policy"] == {"steps": stages["policy"]["total_steps"], "stopped_early": None}
+    assert report["policy_training"]["ei_1"]["steps"] == stages["ei"]["total_steps"]
+    gap = report["results"]["sorm_minus_orm_step_auroc"]
+    assert gap["ci95"][0] <= gap["diff"] <= gap["ci95"][1] or gap["resamples"] == 0
     # What each stage cut to a length limit is counted: sampled prompts, completions, training examples.
     per_stage = report["truncation"]["per_stage"]
     assert per_stage["orm_samples"]["prompts"] > 0 and per_stage["orm_samples"]["completions"] > 0

@@ -53,6 +53,7 @@ class Context:
     # What the current stage cut to a length limit: its samplers and scorers, and its trainer's data.
     _counted: list = dataclasses.field(default_factory=list)
     _train_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    last_done: dict = dataclasses.field(default_factory=dict)   # the last trained stage's train_done.json
 
     def take_counts(self) -> dict[str, int]:
         """Totals since the last call (`Workspace.run_table` calls it around each stage)."""
@@ -99,7 +100,8 @@ class Context:
         evaluators = [lambda run: GenerationEval(run, self.val, max_new=self.g.max_new_tokens, rows=self.g.sample_rows,
                                                  name=VAL_ACCURACY)] if exp.train.stop_metric == VAL_ACCURACY else []
         model = trainer.train(exp, records=records, init_params=init, workdir=workdir, evaluators=evaluators)
-        data = trainer.done_info(workdir).get("data", {})
+        self.last_done = trainer.done_info(workdir)   # the stage's summary reports its steps and any early stop
+        data = self.last_done.get("data", {})
         self._train_counts = {"train_examples": data.get("examples", 0),
                               "train_prompts_cut": data.get("prompt_truncated", 0),
                               "train_targets_cut": data.get("target_truncated", 0)}

@@ -18,7 +18,6 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
-from glore_jax import trainer
 from glore_jax.data.store import RecordsFile
 from glore_jax.recipe import inference as inference_lib, report as report_lib, sorm_labels, stages as S
 from glore_jax.recipe.config import SORM_INITS, GloreConfig
@@ -39,7 +38,7 @@ def _train(name: str, key: str, does: str, records: str | None, init: str | None
     def run(ctx: S.Context, io: StageIO) -> dict:
         cfg, params = ctx.models[name] = ctx.train_model(key, io.dir, records=io[records] if records else ctx.train,
                                                          init=io[init] if init else None)
-        done = trainer.done_info(io.dir)
+        done = ctx.last_done
         return {"model": os.path.join(io.dir, "model"), "params_m": cfg.num_params() / 1e6, "steps": done.get("step"),
                 **({"stopped_early": done["stopped_early"]} if done.get("stopped_early") else {})}
     return Stage(name=name, does=does, run=run, reads=tuple(x for x in (records, init) if x), writes=(name,))
@@ -162,7 +161,8 @@ def _report(ctx: S.Context, io: StageIO) -> dict:
         "expert_iteration": _ei_effect(summary, g.ei_rounds),
         "value_eval": value["evals"], "step_truth": value["truth"], "value_eval_split": g.value_eval_split,
         "stages": {k.removesuffix("_samples") if k.startswith("ei_") else k: v for k, v in summary.items()
-                   if k.startswith("ei_") and k.endswith("_samples") or k in ("orm_samples", "sorm_labels", "refine_data", "calibrate")},
+                   if (k.startswith("ei_") and k.endswith("_samples"))
+                   or k in ("orm_samples", "sorm_labels", "refine_data", "calibrate")},
         "truncation": {"per_stage": {k: v for k, v in io.truncation.items() if v},
                        "warnings": [f"{stage}: {w}" for stage, counts in io.truncation.items()
                                     for w in truncation_warnings(counts)]},
@@ -255,7 +255,8 @@ def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
               run=_value_eval, reads=VALUE_EVAL_MODELS),
         Stage(name="report", does="report.json, report.md, plots", run=_report,
               reads=tuple(f"{s.name}.summary" for s in table if s.name.startswith("ei_") and s.name.endswith("samples"))
-              + tuple(f"{s}.summary" for s in _policy_stages(g)) + ("orm_samples.summary", "sorm_labels.summary", "refine_data.summary", "calibrate.summary",
+              + tuple(f"{s}.summary" for s in _policy_stages(g))
+              + ("orm_samples.summary", "sorm_labels.summary", "refine_data.summary", "calibrate.summary",
                  "inference.summary", "value_eval.summary")),
     ]
     return table, aliases

@@ -89,7 +89,7 @@ def base_config() -> ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 200            # 0 disables periodic eval (it still runs at the end)
     c.train.stop_metric = ""            # end the run at the first eval where this metric reaches stop_at ('' = never)
-    c.train.stop_at = 0.0               # (total_steps is then a cap; the pipeline stops its policy on validation accuracy)
+    c.train.stop_at = 0.0               # (total_steps is then a cap; see glore.policy_val_target)
     c.train.eval_batches = 4
     c.train.checkpoint_every = 200
     c.train.max_to_keep = 2
