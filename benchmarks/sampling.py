@@ -35,6 +35,7 @@ from glore_jax import convert  # noqa: E402
 from glore_jax import hardware  # noqa: E402
 from glore_jax import models as M  # noqa: E402
 from glore_jax import sampling as S  # noqa: E402
+from glore_jax import sharding as shd  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -75,8 +76,15 @@ def weight_matmul_flops(cfg, batch: int, prompt_len: int, new: int) -> float:
     return 2.0 * matrices * batch * (prompt_len + new - 1)
 
 
+def _sampler(cfg, rows: int):
+    """The sampler a pipeline stage builds: on the mesh over every device (one on a CPU host unless
+    GLORE_JAX_CPU_DEVICES asks for more), rows split across them; one device where `rows` does not split."""
+    mesh = shd.make_mesh()
+    return S.sampler_for(cfg, mesh if rows % mesh.devices.size == 0 else shd.single_device_mesh())
+
+
 def bench_ours_decode(cfg, params, batch, prompt_len, new, repeats):
-    sampler = S.sampler_for(cfg)
+    sampler = _sampler(cfg, batch)
     toks = _prompts(np.random.default_rng(batch), batch, prompt_len, cfg.vocab_size)
     lens = np.full((batch,), prompt_len, np.int32)
     run = lambda: sampler.sample(params, toks, lens, max_new=new, strategy=S.SamplingStrategy(),
@@ -134,7 +142,7 @@ def bench_no_cache(cfg, params, batch, prompt_len, new, repeats):
 
 
 def bench_prefill(cfg, params, batch, length, repeats):
-    sampler = S.sampler_for(cfg)
+    sampler = _sampler(cfg, batch)
     toks = _prompts(np.random.default_rng(0), batch, length, cfg.vocab_size)
     lens = np.full((batch,), length, np.int32)
     run = lambda: sampler.prefill(params, sampler.put_rows(toks), sampler.put_rows(lens))[1].block_until_ready()
@@ -149,7 +157,7 @@ def bench_rollouts(cfg, params, n, k, new, repeats):
     for i, l in enumerate(lengths):
         toks[i, :l] = rng.integers(3, cfg.vocab_size, l)
     lens = np.asarray(lengths, np.int32)
-    sampler = S.sampler_for(cfg)
+    sampler = _sampler(cfg, n * k)
     strat = S.SamplingStrategy(temperature=1.0)
 
     def run(share):
@@ -182,7 +190,7 @@ def bench_tunix(cfg, params, batches, prompt_len, new, repeats) -> dict:
 
 def main():
     # Both sides (the torch/HF child processes inherit it) run with the malloc the command lines use.
-    hardware.reexec_with_malloc_tunable()
+    hardware.reexec_with_launch_env()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens (< 5 min on 2 cores)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -197,7 +205,7 @@ def main():
     cfg = M.preset("demo")
     params = M.init_params(cfg, jax.random.key(0))
     results = {"preset": "demo", "params_m": cfg.num_params() / 1e6, "prompt_len": prompt_len,
-               "new_tokens": new, "device": str(jax.devices()[0]), **cpu_info(), "jax": jax.__version__,
+               "new_tokens": new, "device": str(jax.devices()[0]), "devices": len(jax.devices()), **cpu_info(), "jax": jax.__version__,
                "prefill_tokens_per_s": bench_prefill(cfg, params, 8, 256, repeats), "decode": {}}
     ours = {b: bench_ours_decode(cfg, params, b, prompt_len, new, repeats) for b in batches}
     # bf16 compute (what configs/demo.py trains and samples with), both frameworks, batch 32 only.

@@ -30,7 +30,6 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import best_time, cpu_info, matmul_gflops, save  # noqa: E402
@@ -63,7 +62,9 @@ def jax_step_time(cfg, repeats: int) -> float:
     t = TrainConfig(total_steps=10**6, batch_size=BATCH, grad_accum=1, learning_rate=LR, warmup_steps=0,
                     weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
                     max_to_keep=1, peak_tflops=0.0)
-    step, state, mesh = state_lib.one_device_step(objectives.get("sft"), cfg, t)
+    # The mesh the trainer builds with the default config: every device of this process (one on a CPU
+    # host unless GLORE_JAX_CPU_DEVICES asks for more, see `hardware`).
+    step, state, mesh = state_lib.isolated_step(objectives.get("sft"), cfg, t, mesh=shd.make_mesh())
     batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg).items()}
     holder = [state]
 
@@ -144,7 +145,7 @@ def packing_shares(n_batches: int) -> dict:
 
 def main():
     # Both sides (the torch/HF child processes inherit it) run with the malloc the command lines use.
-    hardware.reexec_with_malloc_tunable()
+    hardware.reexec_with_launch_env()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (about 3 minutes on 2 cores)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -157,7 +158,7 @@ def main():
     base = demo_model()
     dtypes = args.dtypes.split(",")
     info = cpu_info()
-    results = {**info, "jax": jax.__version__, "model": json.loads(base.to_json()), "params_m": base.num_params() / 1e6, "batch": BATCH, "seq": SEQ,
+    results = {**info, "jax": jax.__version__, "devices": len(jax.devices()), "model": json.loads(base.to_json()), "params_m": base.num_params() / 1e6, "batch": BATCH, "seq": SEQ,
                "tokens_per_step": BATCH * SEQ, "dtypes": {}}
     # Two blocks per side, alternating (JAX, torch, JAX, torch); each side keeps its faster block.
     jax_first = {d: jax_step_time(base.replace(dtype=d), repeats) for d in dtypes}

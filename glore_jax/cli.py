@@ -48,11 +48,15 @@ def main(run: Callable[[list[str]], object]) -> None:
     """`app.run(run)` with `parse_flags` and `UserError` -> one line, exit 2.
 
     When this process is a glore_jax command line (`python -m glore_jax.X`, not a test or a notebook
-    calling `main`), it first restarts itself with glibc's huge-page malloc (`hardware.MALLOC_TUNABLE`)."""
+    calling `main`), it first restarts itself with glibc's huge-page malloc (`hardware.MALLOC_TUNABLE`)
+    and, where GLORE_JAX_CPU_DEVICES asks for it, its CPU split into that many XLA devices."""
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if main_spec is not None and main_spec.name.startswith("glore_jax."):
         from glore_jax import hardware
-        hardware.reexec_with_malloc_tunable()
+        try:
+            hardware.reexec_with_launch_env()
+        except ValueError as e:
+            _fail(str(e))
     def wrapped(argv: list[str]) -> None:
         errors.run_cli(lambda: run(argv), verbose=_VERBOSE.value)
     app.run(wrapped, flags_parser=parse_flags)

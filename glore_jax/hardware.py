@@ -50,7 +50,7 @@ CPU_TRAIN_OPTIONS_NATIVE_BF16 = {"xla_cpu_experimental_ynn_fusion_type": "LIBRAR
 # ~110k minor page faults (~430 MB) and ~0.19 s of kernel time against ~0.43 s of user time. With
 # this tunable malloc asks for transparent huge pages (madvise), and the same step took ~700 faults,
 # ~0.04 s of kernel time and ~30% less wall time. glibc reads tunables only when a process starts,
-# so the command lines restart themselves once with it (`reexec_with_malloc_tunable`). Where THP is
+# so the command lines restart themselves once with it (`reexec_with_launch_env`). Where THP is
 # off (`/sys/kernel/mm/transparent_hugepage/enabled` = never) or libc is not glibc it does nothing.
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
 
@@ -64,12 +64,47 @@ def malloc_env(environ: dict[str, str]) -> dict[str, str] | None:
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{MALLOC_TUNABLE}" if tunables else MALLOC_TUNABLE}
 
 
-def reexec_with_malloc_tunable() -> None:
-    """Restarts this command line (same PID, same arguments) with MALLOC_TUNABLE, at most once.
+# XLA:CPU runs one device's program as a sequence of kernels, most of them small (a demo-model train
+# step is ~500: elementwise passes, reductions, [64, 352, 32] x [64, 32, 176] attention products), and
+# splits each across the host's threads, so a 2-core host spends much of a step waiting at those
+# splits: its batched attention matmuls ran at 110-150 GFLOP/s against 310-340 for torch's `bmm`
+# (2-core Xeon with AMX, 2026-12-02). GLORE_JAX_CPU_DEVICES=N makes the command lines split the host
+# into N XLA devices; the mesh is built over every device, as on a pod, so each holds a slice of the
+# batch and the devices' kernel sequences run side by side. It is opt-in because it is not a win
+# everywhere, measured there: the demo model's train step (`benchmarks/train.py --quick`, 1 -> 2
+# devices) 18.7k -> 19.6k tokens/s in float32 and 22.2k -> 28.3k in bf16 (1.03x -> 1.22x torch
+# eager), but decode of the 3.7M `demo` preset (`benchmarks/sampling.py --quick`) 8.4k -> 6.9k
+# tokens/s at batch 32 and 11.5k -> 9.3k at batch 64. Four devices trained slower than two.
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_devices_env(environ: dict[str, str]) -> dict[str, str] | None:
+    """`environ` with XLA_FLAGS asking for GLORE_JAX_CPU_DEVICES host devices; None when that is unset
+    or XLA_FLAGS names a count already (a user's, a test harness's, or this process's own after its
+    restart). Accelerator hosts are unaffected: the flag sizes only the CPU platform."""
+    wanted = environ.get("GLORE_JAX_CPU_DEVICES", "").strip()
+    flags = environ.get("XLA_FLAGS", "")
+    if not wanted or _DEVICE_COUNT_FLAG in flags:
+        return None
+    if not (wanted.isdigit() and int(wanted) >= 1):
+        raise ValueError(f"GLORE_JAX_CPU_DEVICES must be a positive integer, got {wanted!r}")
+    return {**environ, "XLA_FLAGS": f"{flags} {_DEVICE_COUNT_FLAG}={int(wanted)}".strip()}
+
+
+def launch_env(environ: dict[str, str]) -> dict[str, str] | None:
+    """`environ` with what a command line runs best under (the malloc tunable, the CPU device count);
+    None when it has both already."""
+    env = malloc_env(environ) or environ
+    env = cpu_devices_env(env) or env
+    return None if env == environ else env
+
+
+def reexec_with_launch_env() -> None:
+    """Restarts this command line (same PID, same arguments) under `launch_env`, at most once.
 
     For entry points only, before any work: everything done so far is discarded.
     GLORE_JAX_NO_REEXEC=1 turns it off."""
-    env = malloc_env(dict(os.environ))
+    env = launch_env(dict(os.environ))
     if env is None or not sys.platform.startswith("linux") or os.environ.get("GLORE_JAX_NO_REEXEC") == "1":
         return
     sys.stdout.flush()

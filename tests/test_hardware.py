@@ -60,6 +60,31 @@ def test_malloc_env_adds_the_tunable_once_and_keeps_the_users_own():
     assert hardware.malloc_env(hardware.malloc_env({})) is None  # a restarted process does not restart again
 
 
+def test_cpu_devices_env_is_opt_in_names_the_count_once_and_rejects_a_bad_count():
+    assert hardware.cpu_devices_env({"A": "1"}) is None  # unset: XLA's own single CPU device
+    env = hardware.cpu_devices_env({"GLORE_JAX_CPU_DEVICES": "2", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
+    assert env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2"
+    assert hardware.cpu_devices_env(env) is None  # a restarted process does not restart again
+    # A count named already (a test harness's 8) stands.
+    assert hardware.cpu_devices_env({"GLORE_JAX_CPU_DEVICES": "2",
+                                     "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}) is None
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="GLORE_JAX_CPU_DEVICES must be a positive integer"):
+            hardware.cpu_devices_env({"GLORE_JAX_CPU_DEVICES": bad})
+    both = hardware.launch_env({"GLORE_JAX_CPU_DEVICES": "2"})
+    assert both["GLIBC_TUNABLES"] == hardware.MALLOC_TUNABLE
+    assert both["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    assert hardware.launch_env(both) is None
+
+
+def test_a_command_line_asked_for_two_cpu_devices_builds_its_mesh_over_both():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    code = ("from glore_jax import hardware; hardware.reexec_with_launch_env(); import jax; "
+            "from glore_jax import sharding; print('mesh', dict(sharding.make_mesh().shape))")
+    lines = _run_reexec(code, {**env, "GLORE_JAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"})
+    assert lines == ["mesh {'data': 1, 'fsdp': 2, 'tensor': 1}"], lines
+
+
 def _run_reexec(code: str, env: dict) -> list[str]:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -69,7 +94,7 @@ def _run_reexec(code: str, env: dict) -> list[str]:
 def test_command_lines_restart_once_with_the_tunable_and_keep_their_pid_and_arguments():
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     code = ("import os, sys; print('start', os.getpid(), flush=True); from glore_jax import hardware; "
-            "hardware.reexec_with_malloc_tunable(); print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'), "
+            "hardware.reexec_with_launch_env(); print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'), "
             "sys.executable)")
     lines = _run_reexec(code, env)
     # Two starts (the original and the restart), one run past the restart, under the same PID and interpreter.

@@ -360,7 +360,7 @@ def test_bf16_train_step_keeps_every_weight_matmul_in_bf16_where_the_cpu_has_it(
     t = TrainConfig(total_steps=10, batch_size=2, grad_accum=1, learning_rate=1e-3, warmup_steps=0,
                     weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
                     max_to_keep=1, peak_tflops=0.0)
-    step, state, mesh = state_lib.one_device_step(objectives.get("sft"), cfg, t)
+    step, state, mesh = state_lib.isolated_step(objectives.get("sft"), cfg, t)
     tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 16)).astype(np.int32)
     batch = {"tokens": tokens, "loss_mask": np.ones((2, 16), np.float32), "segment_ids": np.ones((2, 16), np.int32),
              "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16)).copy()}

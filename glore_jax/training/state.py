@@ -198,12 +198,14 @@ def make_eval_step(objective: Objective, model: ModelConfig, mesh: Mesh):
     return jax.jit(step, out_shardings=shd.replicated(mesh))
 
 
-def one_device_step(objective: Objective, model: ModelConfig, t: TrainConfig, seed: int = 0):
-    """(jitted step, fresh state, mesh) on this process's first device, built as the trainer builds them.
+def isolated_step(objective: Objective, model: ModelConfig, t: TrainConfig, seed: int = 0,
+                    mesh: Mesh | None = None):
+    """(jitted step, fresh state, mesh), built as the trainer builds them, on `mesh` (default: this
+    process's first device).
 
     For what times or inspects one step in isolation (`benchmarks/train.py`, tests).
     """
-    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tx = optimizer(t)
     shardings = state_shardings(model, tx, mesh)
     state = init_state(init_params(model, jax.random.key(seed)), tx, seed, shardings)
