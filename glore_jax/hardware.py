@@ -2,21 +2,19 @@
 
 `model.dtype = "auto"` follows one rule (`dtype_for`):
   TPU, GPU  bfloat16: native there.
-  any CPU   float32. On a 2-core Xeon with AMX-BF16 (2026-12-01, jax 0.10.2)
-            a demo-model train step ran at the same speed in both dtypes
-            (14.7-15.7k bf16 vs 15.2-15.5k float32 tokens/s) and decode at
-            batch 64 slower in bf16 (18.8-19.3k vs 23.5-25.2k tokens/s).
-            XLA:CPU reaches AMX only through its YNNPACK fusions, for bf16
-            dots with float32 output (~1,070 vs ~310 GFLOP/s float32 on
-            [5632,128]x[128,384]); the train step compiles with those fusions
-            off (below), and dots are ~20-25% of a step's time anyway. On the
-            AVX512-BF16 AMD EPYC this was built on, the step ran about even too
-            (13.1k vs 12.7k); AVX2-only CPUs emulate bf16, slower still. So
-            bf16 would cost accuracy for nothing on every CPU measured. (An
-            earlier rule chose bf16 with AMX, from a 1.35x measured before the
-            train step's dots moved to [B*T, E] rows; it no longer holds.)
+  any CPU   float32, for results that compare across machines. bf16 is not
+            slower everywhere any more (`models.layers.dense` keeps bf16 dots
+            in bf16 on CPUs with AVX512-BF16 or AMX): on a 2-core Xeon with
+            AMX-BF16 (2026-12-02, f8582dd) the demo model's train step ran at
+            22.2-23.4k bf16 against 18.7-19.3k float32 tokens/s and decode at
+            batch 32 at 12.7-13.0k against 8.4-8.8k, and a bf16 demo (seed 0)
+            took 16 min 21 s against 18 min 29 s. But its policy came out a
+            different one (greedy 67.2% against 55.0%: above the 45-65% band the
+            recipe is set for), and the demo's fidelity table is float32. On the
+            AVX512-BF16 AMD EPYC a bf16 demo was not faster (14:30 against
+            13:29); AVX2-only CPUs emulate bf16. `model.dtype=bfloat16` opts in.
 A micro-benchmark was tried instead of a rule and rejected: a one-second
-MLP fwd+bwd said bf16 was 1.75x faster on the EPYC, where whole steps are even.
+MLP fwd+bwd said bf16 was 1.75x faster on the EPYC, where whole steps were then even.
 The pipeline resolves "auto" once per workdir and records it, so a resumed
 run never switches dtype.
 """
