@@ -72,7 +72,11 @@ def malloc_env(environ: dict[str, str]) -> dict[str, str] | None:
 # everywhere, measured there: the demo model's train step (`benchmarks/train.py --quick`, 1 -> 2
 # devices) 18.7k -> 19.6k tokens/s in float32 and 22.2k -> 28.3k in bf16 (1.03x -> 1.22x torch
 # eager), but decode of the 3.7M `demo` preset (`benchmarks/sampling.py --quick`) 8.4k -> 6.9k
-# tokens/s at batch 32 and 11.5k -> 9.3k at batch 64. Four devices trained slower than two.
+# tokens/s at batch 32 and 11.5k -> 9.3k at batch 64. Four devices trained slower than two. The
+# demo recipe (its ~1M `mini` model) gained most in its sampling stages: seed 0 took 15 min 20 s
+# against 18 min 29 s, SORM labelling 113 against 174 s, policy SFT 143 against 160 s; its numbers
+# move (another mesh, another reduction order), so the default stays one device until the demo's
+# tables are remade with two.
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
