@@ -95,7 +95,7 @@ def cpu_devices_env(environ: dict[str, str]) -> dict[str, str] | None:
 
 def launch_env(environ: dict[str, str]) -> dict[str, str] | None:
     """`environ` with what a command line runs best under (the malloc tunable, the CPU device count);
-    None when it has both already."""
+    None when there is nothing to add."""
     env = malloc_env(environ) or environ
     env = cpu_devices_env(env) or env
     return None if env == environ else env

@@ -205,7 +205,7 @@ def isolated_step(objective: Objective, model: ModelConfig, t: TrainConfig, seed
 
     For what times or inspects one step in isolation (`benchmarks/train.py`, tests).
     """
-    mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    mesh = mesh if mesh is not None else shd.single_device_mesh()
     tx = optimizer(t)
     shardings = state_shardings(model, tx, mesh)
     state = init_state(init_params(model, jax.random.key(seed)), tx, seed, shardings)
