@@ -2,7 +2,7 @@
 
     python benchmarks/sampling.py --quick --out sampling.json
 
-Everything is measured side by side in one run, on the `demo` preset with
+Everything is measured side by side in one run, on the `demo` preset (`--preset`) with
 random weights exported to a `transformers` LlamaForCausalLM (same weights,
 float32, greedy, KV cache on, same batch and lengths). The headline
 `decode_speedup_vs_hf` is float32 against float32, the minimum over batch
@@ -77,8 +77,8 @@ def weight_matmul_flops(cfg, batch: int, prompt_len: int, new: int) -> float:
 
 
 def _sampler(cfg, rows: int):
-    """The sampler a pipeline stage builds: on the mesh over every device (one on a CPU host unless
-    GLORE_JAX_CPU_DEVICES asks for more), rows split across them; one device where `rows` does not split."""
+    """The sampler a pipeline stage builds: on the mesh over every device (two on a multi-core CPU host
+    unless GLORE_JAX_CPU_DEVICES says otherwise), rows split across them; one device where `rows` does not split."""
     mesh = shd.make_mesh()
     return S.sampler_for(cfg, mesh if rows % mesh.devices.size == 0 else shd.single_device_mesh())
 
@@ -194,6 +194,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens (< 5 min on 2 cores)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--preset", default="demo",
+                    help="model preset (`models` presets; the demo pipeline samples with `mini`)")
     ap.add_argument("--hf_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hf_worker:
@@ -202,9 +204,9 @@ def main():
     repeats = 5 if args.quick else 9
     prompt_len, new = 32, (32 if args.quick else 128)
     batches = (1, 8, 32, 64)
-    cfg = M.preset("demo")
+    cfg = M.preset(args.preset)
     params = M.init_params(cfg, jax.random.key(0))
-    results = {"preset": "demo", "params_m": cfg.num_params() / 1e6, "prompt_len": prompt_len,
+    results = {"preset": args.preset, "params_m": cfg.num_params() / 1e6, "prompt_len": prompt_len,
                "new_tokens": new, "device": str(jax.devices()[0]), "devices": len(jax.devices()), **cpu_info(), "jax": jax.__version__,
                "prefill_tokens_per_s": bench_prefill(cfg, params, 8, 256, repeats), "decode": {}}
     ours = {b: bench_ours_decode(cfg, params, b, prompt_len, new, repeats) for b in batches}
@@ -243,7 +245,7 @@ def main():
     results["rollouts"] = bench_rollouts(cfg, params, n=4, k=8, new=new, repeats=repeats)
     results["prefix_sharing_speedup"] = results["rollouts"]["prefix_sharing_speedup"]
 
-    print(f"demo preset ({results['params_m']:.1f}M params), prompt {prompt_len}, {new} new tokens, "
+    print(f"{args.preset} preset ({results['params_m']:.1f}M params), prompt {prompt_len}, {new} new tokens, "
           f"{results['device']}, {results['cpu']} ({os.cpu_count()} CPUs, native bf16: {results['native_bf16']})")
     print(f"prefill: {results['prefill_tokens_per_s']:,.0f} tokens/s (batch 8 x 256)")
     print(f"float32 matmul peak {results['matmul_peak_gflops_float32']:.0f} GFLOP/s; 'bound': the speedup over HF "

@@ -62,8 +62,8 @@ def jax_step_time(cfg, repeats: int) -> float:
     t = TrainConfig(total_steps=10**6, batch_size=BATCH, grad_accum=1, learning_rate=LR, warmup_steps=0,
                     weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
                     max_to_keep=1, peak_tflops=0.0)
-    # The mesh the trainer builds with the default config: every device of this process (one on a CPU
-    # host unless GLORE_JAX_CPU_DEVICES asks for more, see `hardware`).
+    # The mesh the trainer builds with the default config: every device of this process (two on a
+    # multi-core CPU host unless GLORE_JAX_CPU_DEVICES says otherwise, see `hardware`).
     step, state, mesh = state_lib.isolated_step(objectives.get("sft"), cfg, t, mesh=shd.make_mesh())
     batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg).items()}
     holder = [state]

@@ -49,7 +49,7 @@ def main(run: Callable[[list[str]], object]) -> None:
 
     When this process is a glore_jax command line (`python -m glore_jax.X`, not a test or a notebook
     calling `main`), it first restarts itself with glibc's huge-page malloc (`hardware.MALLOC_TUNABLE`)
-    and, where GLORE_JAX_CPU_DEVICES asks for it, its CPU split into that many XLA devices."""
+    and its CPU split into XLA devices (two on a multi-core host, or GLORE_JAX_CPU_DEVICES)."""
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if main_spec is not None and main_spec.name.startswith("glore_jax."):
         from glore_jax import hardware

@@ -66,31 +66,37 @@ def malloc_env(environ: dict[str, str]) -> dict[str, str] | None:
 # step is ~500: elementwise passes, reductions, [64, 352, 32] x [64, 32, 176] attention products), and
 # splits each across the host's threads, so a 2-core host spends much of a step waiting at those
 # splits: its batched attention matmuls ran at 110-150 GFLOP/s against 310-340 for torch's `bmm`
-# (2-core Xeon with AMX, 2026-12-02). GLORE_JAX_CPU_DEVICES=N makes the command lines split the host
-# into N XLA devices; the mesh is built over every device, as on a pod, so each holds a slice of the
-# batch and the devices' kernel sequences run side by side. It is opt-in because it is not a win
-# everywhere, measured there: the demo model's train step (`benchmarks/train.py --quick`, 1 -> 2
-# devices) 18.7k -> 19.6k tokens/s in float32 and 22.2k -> 28.3k in bf16 (1.03x -> 1.22x torch
-# eager), but decode of the 3.7M `demo` preset (`benchmarks/sampling.py --quick`) 8.4k -> 6.9k
-# tokens/s at batch 32 and 11.5k -> 9.3k at batch 64. Four devices trained slower than two. The
-# demo recipe (its ~1M `mini` model) gained most in its sampling stages: seed 0 took 15 min 20 s
-# against 18 min 29 s, SORM labelling 113 against 174 s, policy SFT 143 against 160 s; its numbers
-# move (another mesh, another reduction order), so the default stays one device until the demo's
-# tables are remade with two.
+# (2-core Xeon with AMX, 2026-12-02). So the command lines split a CPU host into two XLA devices by
+# default (GLORE_JAX_CPU_DEVICES=N asks for N; 1 keeps XLA's single device); the mesh is built over
+# every device, as on a pod, so each holds a slice of the batch and the two kernel sequences run side
+# by side. Measured on 2-core hosts only, which is why the default is 2 and not the core count: four
+# devices trained slower than two on the Xeon. The demo (its ~1M `mini` model), seed 0, 1 -> 2
+# devices: 18 min 29 s -> 15 min 20 s on the Xeon (SORM labelling 174 -> 113 s, policy SFT
+# 160 -> 143 s); 25 min 58 s -> 22 min 50 s on a slow 2-core AMD EPYC (sampling stages 25-37%
+# faster, the refiner's training not at all). Not a win everywhere: the train step of the demo model
+# (`benchmarks/train.py --quick`, Xeon) 18.7k -> 19.6k tokens/s in float32 and 22.2k -> 28.3k in
+# bf16, but decode of the larger 3.7M `demo` preset 8.4k -> 6.9k tokens/s at batch 32. A mesh over two
+# devices reduces in another order than one, so a run's numbers depend on the count: the pipeline
+# records it in `hardware.json` and warns when a workdir resumes on another. Accelerator hosts are
+# unaffected: the flag sizes only the CPU platform.
+DEFAULT_CPU_DEVICES = 2
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
-def cpu_devices_env(environ: dict[str, str]) -> dict[str, str] | None:
-    """`environ` with XLA_FLAGS asking for GLORE_JAX_CPU_DEVICES host devices; None when that is unset
-    or XLA_FLAGS names a count already (a user's, a test harness's, or this process's own after its
-    restart). Accelerator hosts are unaffected: the flag sizes only the CPU platform."""
+def cpu_devices_env(environ: dict[str, str], cpus: int | None = None) -> dict[str, str] | None:
+    """`environ` with XLA_FLAGS asking for GLORE_JAX_CPU_DEVICES host devices (unset: DEFAULT_CPU_DEVICES,
+    at most one per core of `cpus`, os.cpu_count() by default); None when that is one (XLA's own count) or
+    XLA_FLAGS names a count already (a user's, a test harness's, or this process's own after its restart)."""
     wanted = environ.get("GLORE_JAX_CPU_DEVICES", "").strip()
     flags = environ.get("XLA_FLAGS", "")
-    if not wanted or _DEVICE_COUNT_FLAG in flags:
+    if _DEVICE_COUNT_FLAG in flags:
         return None
-    if not (wanted.isdigit() and int(wanted) >= 1):
+    if wanted and not (wanted.isdigit() and int(wanted) >= 1):
         raise ValueError(f"GLORE_JAX_CPU_DEVICES must be a positive integer, got {wanted!r}")
-    return {**environ, "XLA_FLAGS": f"{flags} {_DEVICE_COUNT_FLAG}={int(wanted)}".strip()}
+    count = int(wanted) if wanted else min(DEFAULT_CPU_DEVICES, cpus or os.cpu_count() or 1)
+    if count == 1:
+        return None
+    return {**environ, "XLA_FLAGS": f"{flags} {_DEVICE_COUNT_FLAG}={count}".strip()}
 
 
 def launch_env(environ: dict[str, str]) -> dict[str, str] | None:

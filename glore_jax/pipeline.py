@@ -97,16 +97,27 @@ def run(config) -> dict:
 
 
 def _pinned_dtype(workdir: str, dtype: str | None) -> str | None:
-    if dtype != "auto":
-        return dtype
-    from glore_jax import hardware
+    """`dtype`, with "auto" resolved once per workdir: `hardware.json` records what "auto" chose, and the
+    XLA device count, on the machine the workdir started on. A resumed run keeps the dtype, and is warned
+    when its device count differs: a mesh over other devices reduces in another order, so from there on
+    its numbers are not the uninterrupted run's."""
+    import jax
+
+    from glore_jax import distributed, hardware
+    from glore_jax.recipe.workspace import log
     path = os.path.join(os.path.abspath(workdir), "hardware.json")
-    from glore_jax import distributed
     if not distributed.agree(os.path.exists(path)):  # measured once, by process 0, for every process
         os.makedirs(os.path.dirname(path), exist_ok=True)
         distributed.write_once(path, lambda: files.write_json(
-            path, {"dtype": hardware.fastest_dtype(), "cpu_bf16_flags": hardware.cpu_bf16_flags()}))
-    return files.read_json_file(path)["dtype"]
+            path, {"dtype": hardware.fastest_dtype(), "cpu_bf16_flags": hardware.cpu_bf16_flags(),
+                   "devices": jax.device_count()}))
+    pinned = files.read_json_file(path)
+    started = pinned.get("devices", jax.device_count())  # workdirs from before the count was recorded: unknown
+    if started != jax.device_count():
+        log(f"WARNING this workdir started on {started} XLA device(s) and resumes on {jax.device_count()}: its "
+            f"numbers will differ from an uninterrupted run's (GLORE_JAX_CPU_DEVICES={started} resumes it as "
+            "it began on a CPU host)")
+    return pinned["dtype"] if dtype == "auto" else dtype
 
 
 def _stage_experiment(config, stage: str, stage_config):

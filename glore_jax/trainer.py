@@ -169,7 +169,8 @@ def _train(exp: Experiment, obj: Objective, records, eval_records, source, evalu
     if exp.train.batch_size % ways:
         raise ConfigError(f"train.batch_size {exp.train.batch_size} does not divide over the mesh: "
                           f"{dict(mesh.shape)} on {mesh.size} devices splits each batch {ways} ways (data x fsdp); "
-                          f"use a multiple of {ways} or change mesh.data / mesh.fsdp")
+                          f"use a multiple of {ways} or change mesh.data / mesh.fsdp (on a CPU host, GLORE_JAX_CPU_DEVICES=1 "
+                          "keeps XLA's single device)")
     done = _finished(exp)
     if done is not None:
         logging.info("%s already finished %d steps; loading its model instead of training", exp.workdir, done)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from glore_jax import hardware, pipeline
@@ -47,6 +48,7 @@ def test_auto_resolves_at_the_edge_and_the_pipeline_pins_it(chosen, tmp_path):
     assert pipeline._pinned_dtype(str(tmp_path), "auto") == "bfloat16"
     assert json.loads((tmp_path / "hardware.json").read_text())["dtype"] == "bfloat16"
     assert pipeline._pinned_dtype(str(tmp_path), "float32") == "float32"
+    assert json.loads((tmp_path / "hardware.json").read_text())["devices"] == jax.device_count()
     c.model.dtype = "float16"
     with pytest.raises(ValueError, match="model.dtype 'float16' unknown"):
         train_config.experiment(c)
@@ -60,14 +62,19 @@ def test_malloc_env_adds_the_tunable_once_and_keeps_the_users_own():
     assert hardware.malloc_env(hardware.malloc_env({})) is None  # a restarted process does not restart again
 
 
-def test_cpu_devices_env_is_opt_in_names_the_count_once_and_rejects_a_bad_count():
-    assert hardware.cpu_devices_env({"A": "1"}) is None  # unset: XLA's own single CPU device
+def test_cpu_devices_env_defaults_to_two_on_a_multicore_host_names_the_count_once_and_rejects_a_bad_count():
+    flag = "--xla_force_host_platform_device_count"
+    assert hardware.cpu_devices_env({"A": "1"}, cpus=2)["XLA_FLAGS"] == f"{flag}=2"  # unset: the default
+    assert hardware.cpu_devices_env({"A": "1"}, cpus=16)["XLA_FLAGS"] == f"{flag}=2"  # measured on 2 cores only
+    assert hardware.cpu_devices_env({"A": "1"}, cpus=1) is None  # one core: XLA's own single device
+    assert hardware.cpu_devices_env({"GLORE_JAX_CPU_DEVICES": "1"}, cpus=2) is None  # the opt-out
+    assert hardware.cpu_devices_env({"GLORE_JAX_CPU_DEVICES": "4"}, cpus=2)["XLA_FLAGS"] == f"{flag}=4"
     env = hardware.cpu_devices_env({"GLORE_JAX_CPU_DEVICES": "2", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
-    assert env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2"
+    assert env["XLA_FLAGS"] == f"--xla_cpu_enable_fast_math=false {flag}=2"
     assert hardware.cpu_devices_env(env) is None  # a restarted process does not restart again
     # A count named already (a test harness's 8) stands.
-    assert hardware.cpu_devices_env({"GLORE_JAX_CPU_DEVICES": "2",
-                                     "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}) is None
+    assert hardware.cpu_devices_env({"GLORE_JAX_CPU_DEVICES": "2", "XLA_FLAGS": f"{flag}=8"}) is None
+    assert hardware.cpu_devices_env({"XLA_FLAGS": f"{flag}=8"}, cpus=2) is None
     for bad in ("0", "two", "-1"):
         with pytest.raises(ValueError, match="GLORE_JAX_CPU_DEVICES must be a positive integer"):
             hardware.cpu_devices_env({"GLORE_JAX_CPU_DEVICES": bad})
@@ -77,12 +84,25 @@ def test_cpu_devices_env_is_opt_in_names_the_count_once_and_rejects_a_bad_count(
     assert hardware.launch_env(both) is None
 
 
-def test_a_command_line_asked_for_two_cpu_devices_builds_its_mesh_over_both():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+def test_a_workdir_resumed_on_another_device_count_is_warned(tmp_path, capsys):
+    assert pipeline._pinned_dtype(str(tmp_path / "same"), "float32") == "float32"
+    assert pipeline._pinned_dtype(str(tmp_path / "same"), "float32") == "float32"
+    assert "WARNING" not in capsys.readouterr().out
+    (tmp_path / "hardware.json").write_text(json.dumps({"dtype": "float32", "devices": jax.device_count() + 1}))
+    pipeline._pinned_dtype(str(tmp_path), "auto")
+    out = capsys.readouterr().out
+    assert f"started on {jax.device_count() + 1} XLA device(s) and resumes on {jax.device_count()}" in out, out
+
+
+def test_a_command_line_builds_its_mesh_over_two_cpu_devices_unless_asked_for_one():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "GLORE_JAX_CPU_DEVICES")}
     code = ("from glore_jax import hardware; hardware.reexec_with_launch_env(); import jax; "
             "from glore_jax import sharding; print('mesh', dict(sharding.make_mesh().shape))")
-    lines = _run_reexec(code, {**env, "GLORE_JAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"})
-    assert lines == ["mesh {'data': 1, 'fsdp': 2, 'tensor': 1}"], lines
+    default = 2 if os.cpu_count() >= 2 else 1  # the default on a multi-core host
+    lines = _run_reexec(code, {**env, "JAX_PLATFORMS": "cpu"})
+    assert lines == [f"mesh {{'data': 1, 'fsdp': {default}, 'tensor': 1}}"], lines
+    lines = _run_reexec(code, {**env, "GLORE_JAX_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"})
+    assert lines == ["mesh {'data': 1, 'fsdp': 1, 'tensor': 1}"], lines
 
 
 def _run_reexec(code: str, env: dict) -> list[str]:
