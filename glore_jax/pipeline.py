@@ -65,7 +65,7 @@ def run(config) -> dict:
     # trained once, and every model reads the same ids.
     config.data.data_dir = config.data.data_dir or os.path.join(os.path.abspath(config.workdir), "data")
     # "auto" is resolved once per workdir and recorded, so a resumed run never switches dtype midway.
-    config.model.dtype = _pinned_dtype(config.workdir, config.model.dtype)
+    config.model.dtype = _pin_hardware(config.workdir, config.model.dtype)
     config.lock()
     exp, g = train_config.experiment(config), GloreConfig.from_config(config.glore)
     mesh = sharding.make_mesh(exp.mesh)
@@ -96,7 +96,7 @@ def run(config) -> dict:
     return files.read_json_file(os.path.join(ws.root, "report.json"))
 
 
-def _pinned_dtype(workdir: str, dtype: str | None) -> str | None:
+def _pin_hardware(workdir: str, dtype: str | None) -> str | None:
     """`dtype`, with "auto" resolved once per workdir: `hardware.json` records what "auto" chose, and the
     XLA device count, on the machine the workdir started on. A resumed run keeps the dtype, and is warned
     when its device count differs: a mesh over other devices reduces in another order, so from there on

@@ -43,11 +43,11 @@ def test_auto_resolves_at_the_edge_and_the_pipeline_pins_it(chosen, tmp_path):
     c.workdir, c.model.dtype = str(tmp_path), "auto"
     chosen("bfloat16")
     assert dict(train_config.experiment(c).model.overrides)["dtype"] == "bfloat16"
-    assert pipeline._pinned_dtype(str(tmp_path), "auto") == "bfloat16"
+    assert pipeline._pin_hardware(str(tmp_path), "auto") == "bfloat16"
     chosen("float32")  # a resumed run on another machine keeps the recorded choice
-    assert pipeline._pinned_dtype(str(tmp_path), "auto") == "bfloat16"
+    assert pipeline._pin_hardware(str(tmp_path), "auto") == "bfloat16"
     assert json.loads((tmp_path / "hardware.json").read_text())["dtype"] == "bfloat16"
-    assert pipeline._pinned_dtype(str(tmp_path), "float32") == "float32"
+    assert pipeline._pin_hardware(str(tmp_path), "float32") == "float32"
     assert json.loads((tmp_path / "hardware.json").read_text())["devices"] == jax.device_count()
     c.model.dtype = "float16"
     with pytest.raises(ValueError, match="model.dtype 'float16' unknown"):
@@ -85,11 +85,11 @@ def test_cpu_devices_env_defaults_to_two_on_a_multicore_host_names_the_count_onc
 
 
 def test_a_workdir_resumed_on_another_device_count_is_warned(tmp_path, capsys):
-    assert pipeline._pinned_dtype(str(tmp_path / "same"), "float32") == "float32"
-    assert pipeline._pinned_dtype(str(tmp_path / "same"), "float32") == "float32"
+    assert pipeline._pin_hardware(str(tmp_path / "same"), "float32") == "float32"
+    assert pipeline._pin_hardware(str(tmp_path / "same"), "float32") == "float32"
     assert "WARNING" not in capsys.readouterr().out
     (tmp_path / "hardware.json").write_text(json.dumps({"dtype": "float32", "devices": jax.device_count() + 1}))
-    pipeline._pinned_dtype(str(tmp_path), "auto")
+    pipeline._pin_hardware(str(tmp_path), "auto")
     out = capsys.readouterr().out
     assert f"started on {jax.device_count() + 1} XLA device(s) and resumes on {jax.device_count()}" in out, out
 
