@@ -127,11 +127,12 @@ def _sampler(model, mesh, rows: int, prompt_len: int, max_new: int) -> dict[str,
     import jax.numpy as jnp
 
     from glore_jax import sharding as shd
-    from glore_jax.models import abstract_params, param_shardings
+    from glore_jax.models import abstract_params
     from glore_jax.sampling.sampler import Sampler, StopCondition
     from glore_jax.sampling.strategy import SamplingStrategy
     sampler = Sampler(model, mesh=mesh, decode_phases=1)
-    params = _with_shardings(nn.unbox(abstract_params(model)), param_shardings(model, mesh))
+    # The decode layout: a small model's weights are replicated on every device (see `Sampler`).
+    params = _with_shardings(nn.unbox(abstract_params(model)), sampler.param_shardings)
     sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
     prompts, lengths = sds((rows, prompt_len), jnp.int32, sampler._rows2), sds((rows,), jnp.int32, sampler._row)
     prefill = sampler.prefill.lower(params, prompts, lengths).compile()

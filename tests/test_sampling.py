@@ -66,6 +66,49 @@ def test_same_results_on_one_device_and_eight_device_mesh(params):
     assert state.suffix.v[0].sharding.spec == shd.logical_to_spec(LAYER_V_AXES)
 
 
+def test_data_parallel_decode_equals_one_device_when_devices_stop_at_different_steps(params):
+    """A small model decodes with replicated weights, one loop per device (`independent_rows`).
+
+    One row per device and an EOS that ends rows at different steps: devices
+    leave their loops at different steps, across decode phases, and every row
+    must still equal the one-device result (the step handed to the next phase
+    is the devices' maximum). Shared-prefix rollouts too.
+    """
+    mesh = shd.make_mesh((2, 4, 1))
+    sharded = M.shard_params(TINY, params, mesh)
+    prompts = PROMPTS * 2
+    free = S.generate(TINY, params, prompts, 24)
+    eos = free[0][2]  # row 0, on device 0, stops first
+    ends = [row.index(eos) if eos in row else 24 for row in free]
+    assert ends[0] == 2 and max(ends) > 8  # device 0 stops in the first phase, another decodes past it
+    toks, lens = S.pad_prompts(prompts, TINY.vocab_size, rows=8, length=16)
+    spmd = S.Sampler(TINY, mesh=mesh, independent_rows=False)
+    each = S.Sampler(TINY, mesh=mesh)
+    one = S.Sampler(TINY)
+    assert each.independent_rows and not spmd.independent_rows and not one.independent_rows
+    for strategy in (S.SamplingStrategy(), S.SamplingStrategy(temperature=1.0, top_p=0.9)):
+        kw = dict(max_new=24, strategy=strategy, stop=S.StopCondition(eos_id=eos), seed=6)
+        ref = one.sample(params, toks, lens, **kw)
+        if strategy.temperature == 0.0:  # greedy: the rows end where the free run put the EOS
+            assert [len(r) for r in S.unpad(ref, 8)] == [min(e + 1, 24) for e in ends]
+        for sampler in (each, spmd):
+            st = sampler.sample(sharded, toks, lens, **kw)
+            assert S.unpad(st, 8) == S.unpad(ref, 8)
+            np.testing.assert_array_equal(np.asarray(st.num_generated), np.asarray(ref.num_generated))
+            assert int(st.step) == int(ref.step)
+        roll = dict(k=2, max_new=24, strategy=strategy, stop=S.StopCondition(eos_id=eos), seed=2)
+        assert S.unpad(each.rollouts(sharded, toks, lens, **roll), 16) == \
+            S.unpad(one.rollouts(params, toks, lens, **roll), 16)
+    assert st.tokens.sharding.spec == shd.logical_to_spec(("activation_batch", None))
+    # the weights are whole on every device; the rules table splits them over fsdp for training
+    leaf = jax.tree_util.tree_leaves(each.param_shardings)[0]
+    assert leaf.is_fully_replicated and not jax.tree_util.tree_leaves(spmd.param_shardings)[0].is_fully_replicated
+    with pytest.raises(ValueError, match="multiple of 8 prefixes, got 4"):
+        each.rollouts(sharded, toks[:4], lens[:4], **roll)
+    with pytest.raises(ValueError, match="tensor=1"):
+        S.Sampler(TINY, mesh=shd.make_mesh((2, 2, 2)), independent_rows=True)
+
+
 def test_top_k_and_top_p_never_leave_the_allowed_set():
     logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.06, 0.04]] * 4000))
     keys = jax.random.split(jax.random.key(0), 4000)

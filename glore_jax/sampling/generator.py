@@ -140,9 +140,9 @@ class Generator:
             if k == 1:
                 state = self.sampler.sample(self.params, *self._pad(chunk, rows), **kw)
             else:
+                # A multiple of the devices' count: each device's rows read prefixes on that device.
                 n_prefix = -(-rows // k)
-                while (n_prefix * k) % m:
-                    n_prefix += 1
+                n_prefix = -(-n_prefix // m) * m
                 state = self.sampler.rollouts(self.params, *self._pad(chunk, n_prefix), k=k, **kw)
             flat = completions(state, len(chunk) * k, stop)
             self.prompts_seen += len(chunk)

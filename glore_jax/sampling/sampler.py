@@ -17,10 +17,19 @@ suffix in a few phases keeps every step's attention close to the filled slots,
 as a growing cache would, while each phase stays one static-shape while_loop.
 Prompts are right-padded; a pad slot carries position -1, which the attention
 mask treats as empty.
+
+On a mesh of several devices, a small model decodes data-parallel: each
+device holds the whole (replicated) weights and runs its own while_loop over
+its own rows under `shard_map`, with no collective inside the loop. Sharding
+its weights over 'fsdp' instead (the training layout) would gather them at
+every step; one SPMD loop over all rows would synchronise the devices at
+every step to decide whether all rows stopped. Big models (or a 'tensor'
+axis) keep the rules table's layout and one SPMD loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -30,10 +39,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from glore_jax import sharding as shd
 from glore_jax.models import ModelConfig, apply, param_shardings
+from glore_jax.models.params import abstract_params, count_params
 from glore_jax.models.decoding import LAYER_K_AXES, LAYER_V_AXES, LayerCache, decode_step, decode_weights, split_layers
 from glore_jax.sampling.strategy import SamplingStrategy, select
 
@@ -80,6 +90,12 @@ def phase_widths(max_new: int, phases: int) -> list[int]:
     return sorted({min(n, chunk * i) for i in range(1, -(-n // chunk) + 1)})
 
 
+# Models up to this many float32 param bytes decode data-parallel (weights replicated on every device).
+# 1 GiB fits beside its KV cache on any accelerator we target and on a CPU host, and it is the
+# size below which gathering fsdp-sharded weights at every step costs more than holding a copy.
+REPLICATE_PARAMS_MAX_BYTES = 1 << 30
+
+
 def _row_keys(seed: jax.Array, row_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids)
 
@@ -87,7 +103,10 @@ def _row_keys(seed: jax.Array, row_ids: jax.Array) -> jax.Array:
 class Sampler:
     """Compiled sampling programs for one model config on one mesh.
 
-    Batch rows are sharded over the mesh's data-parallel axes ('data', 'fsdp'),
+    Batch rows are sharded over the mesh's data-parallel axes ('data', 'fsdp').
+    `independent_rows` (default: on a mesh of several devices with tensor=1,
+    for a model under REPLICATE_PARAMS_MAX_BYTES) replicates the params and
+    decodes each device's rows in its own loop (see the module doc); otherwise
     params follow the rules table. With no mesh, everything runs on one device.
     `decode_phases`: how many times the suffix cache grows (each phase compiles
     once per shape bucket). `split_weights=False` keeps one copy of the weights
@@ -96,7 +115,8 @@ class Sampler:
 
     def __init__(self, config: ModelConfig, *, mesh: Mesh | None = None,
                  rules: Sequence[tuple[str, Any]] = shd.LOGICAL_RULES, pad_id: int = 0,
-                 vocab_limit: int | None = None, decode_phases: int = 8, split_weights: bool = True):
+                 vocab_limit: int | None = None, decode_phases: int = 8, split_weights: bool = True,
+                 independent_rows: bool | None = None):
         if "lm" not in config.heads:
             raise ValueError(f"Sampling needs an 'lm' head; config.heads={config.heads}")
         if decode_phases < 1:
@@ -112,7 +132,12 @@ class Sampler:
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < config.vocab_size else None
         m, r = self.mesh, rules
         self.batch_multiple = int(m.shape["data"] * m.shape["fsdp"])
-        params = param_shardings(config, m, r)
+        self.independent_rows = self._resolve_independent_rows(independent_rows)
+        trained = param_shardings(config, m, r)
+        # The params' decode layout; `_place` moves the training layout there once per call.
+        params = jax.tree_util.tree_map(lambda _: shd.replicated(m), trained) if self.independent_rows else trained
+        self.param_shardings = params
+        self._place = jax.jit(lambda p: p, in_shardings=(trained,), out_shardings=params)
         row, rows2 = shd.batch_sharding(m, 1, r), shd.batch_sharding(m, 2, r)
         per_layer = lambda axes: (shd.logical_sharding(axes, m, r),) * config.num_layers
         cache = LayerCache(k=per_layer(LAYER_K_AXES), v=per_layer(LAYER_V_AXES), pos=rows2)
@@ -120,6 +145,7 @@ class Sampler:
         state = SamplingState(suffix=cache, tokens=rows2, logprobs=rows2, num_generated=row, done=row,
                               position=row, keys=row, step=scalar, limit=scalar)
         self._row, self._rows2 = row, rows2
+        self._cache_shardings, self._state_shardings = cache, state
 
         self.prefill = jax.jit(self._prefill, in_shardings=(params, rows2, row), out_shardings=(cache, rows2))
         # Output shardings follow the input's: a cast keeps them, and taking
@@ -133,9 +159,22 @@ class Sampler:
         # The state is donated: its suffix cache is the buffer the loop writes
         # every step, and donation lets XLA update it in place across calls
         # instead of holding an input and an output copy at once.
-        self.advance = jax.jit(self._advance, static_argnums=(4, 5), donate_argnums=(3,),
+        advance = self._advance_each_device if self.independent_rows else self._advance
+        self.advance = jax.jit(advance, static_argnums=(4, 5), donate_argnums=(3,),
                                in_shardings=(None, None, cache, state),
                                out_shardings=state)
+
+    def _resolve_independent_rows(self, asked: bool | None) -> bool:
+        m = self.mesh
+        if m.devices.size == 1:
+            return False  # one device: the two layouts are the same program
+        if asked is False:
+            return False
+        if m.shape["tensor"] > 1:
+            if asked:
+                raise ValueError(f"independent_rows needs a mesh with tensor=1, got {dict(m.shape)}")
+            return False
+        return bool(asked) or 4 * count_params(abstract_params(self.config)) <= REPLICATE_PARAMS_MAX_BYTES
 
     # ----- the compiled programs -----
 
@@ -175,7 +214,7 @@ class Sampler:
             # Step s feeds new token s-1 (whose keys go to suffix slot s-1) and chooses token s.
             last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=True)
             pos = s.position[:, None]
-            with shd.activation_rules(self.mesh, self.rules):
+            with self._rules_inside_loop():
                 per_layer = layers if layers is not None else split_layers(params)
                 logits, suffix = decode_step(self.config, params, per_layer, last, pos, s.suffix, s.step - 1,
                                              prefix=prefix)
@@ -194,6 +233,35 @@ class Sampler:
             )
 
         return jax.lax.while_loop(cond, body, state)
+
+    def _advance_each_device(self, params, layers, prefix: LayerCache, state: SamplingState,
+                             strategy: SamplingStrategy, stop: StopCondition) -> SamplingState:
+        """`_advance`, each device on its own rows with its own loop: no collective inside the loop.
+
+        A device whose rows all stopped exits early. Afterwards `step` becomes the
+        devices' maximum (one collective per call), the longest row's count as on
+        one device: without it the "replicated" step would hold a different value
+        on each device. A device still decoding stops only at the phase's width or
+        the limit, which is that maximum, so the next phase resumes it correctly.
+        """
+        axes = tuple(self.mesh.axis_names)
+        spec = lambda s: s.spec  # noqa: E731
+        prefix_specs = jax.tree_util.tree_map(spec, self._cache_shardings)
+        state_specs = jax.tree_util.tree_map(spec, self._state_shardings)
+
+        def local(params, layers, prefix, state):
+            out = self._advance(params, layers, prefix, state, strategy, stop)
+            return out.replace(step=jax.lax.pmax(out.step, axes))
+
+        # check_vma=False: the loop's carry mixes per-device rows with the step counter, which the
+        # pmax above makes equal on every device, so the replicated out_spec of `step` holds.
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(), prefix_specs,
+                                                              state_specs), out_specs=state_specs,
+                             check_vma=False)(params, layers, prefix, state)
+
+    def _rules_inside_loop(self):
+        # Inside shard_map each device sees its own rows: no mesh-level sharding constraint applies.
+        return contextlib.nullcontext() if self.independent_rows else shd.activation_rules(self.mesh, self.rules)
 
     def _limit(self, logits: jax.Array) -> jax.Array:
         if self.vocab_limit is None:
@@ -219,6 +287,7 @@ class Sampler:
         """
         prompts, lengths = self.put_rows(prompts), self.put_rows(lengths)
         row_ids = self.put_rows(np.arange(prompts.shape[0]) if row_ids is None else row_ids)
+        params = self._placed(params)
         prefix, logits = self.prefill(params, prompts, lengths)
         return self._run(params, prefix, logits, lengths, 1, row_ids, seed, max_new, strategy, stop, limit)
 
@@ -238,9 +307,18 @@ class Sampler:
         row_ids = self.put_rows(np.arange(n * k))
         if not share_prefix:
             prefixes, lengths, k = np.repeat(prefixes, k, 0), np.repeat(lengths, k), 1
+        if self.independent_rows and prefixes.shape[0] % self.batch_multiple:
+            # Each device's rows must read its own prefixes: row n*K+j sits on the device of prefix n.
+            raise ValueError(f"rollouts on {self.batch_multiple} devices need a multiple of "
+                             f"{self.batch_multiple} prefixes, got {prefixes.shape[0]} (pad with dummy prefixes)")
         prefixes, lengths = self.put_rows(prefixes), self.put_rows(lengths)
+        params = self._placed(params)
         prefix, logits = self.prefill(params, prefixes, lengths)
         return self._run(params, prefix, logits, lengths, k, row_ids, seed, max_new, strategy, stop, limit)
+
+    def _placed(self, params):
+        """The params in their decode layout: gathered once per call when decoding data-parallel."""
+        return self._place(params) if self.independent_rows else params
 
     def _run(self, params, prefix, logits, lengths, share, row_ids, seed, max_new, strategy, stop, limit):
         if max_new < 1:
