@@ -23,6 +23,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +91,41 @@ def bench_ours_decode(cfg, params, batch, prompt_len, new, repeats):
     run = lambda: sampler.sample(params, toks, lens, max_new=new, strategy=S.SamplingStrategy(),
                                  stop=S.StopCondition()).tokens.block_until_ready()
     return batch * new / best_time(run, repeats)
+
+
+def bench_decode_layouts(cfg, params, cases: dict[str, tuple[int, int, int]], repeats) -> dict | None:
+    """Decode tokens/s of the three layouts a CPU host can run, interleaved in one loop (None on one device).
+
+    data_parallel: weights replicated, one while_loop per device (the default for a small model);
+    spmd_fsdp: weights split over 'fsdp' as in training, one SPMD loop over all rows;
+    one_device: everything on the first device.
+    `cases`: name -> (rows, prompt width, new tokens); prompts fill 60-100% of the width.
+    """
+    mesh = shd.make_mesh()
+    if mesh.devices.size == 1:
+        return None
+    samplers = {"data_parallel": S.Sampler(cfg, mesh=mesh, independent_rows=True),
+                "spmd_fsdp": S.Sampler(cfg, mesh=mesh, independent_rows=False),
+                "one_device": S.Sampler(cfg, mesh=shd.single_device_mesh())}
+    out = {}
+    for case, (b, width, new) in cases.items():
+        rng = np.random.default_rng(b)
+        toks = _prompts(rng, b, width, cfg.vocab_size)
+        lens = rng.integers(int(0.6 * width), width + 1, b).astype(np.int32)
+        runs = {name: (lambda s=s: s.sample(params, toks, lens, max_new=new, strategy=S.SamplingStrategy(),
+                                            stop=S.StopCondition()).tokens.block_until_ready())
+                for name, s in samplers.items()}
+        for run in runs.values():
+            run()  # compile
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(repeats):
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - t0)
+        out[case] = {"rows": b, "prompt_width": width, "new_tokens": new,
+                     **{name: b * new / t for name, t in best.items()}}
+    return out
 
 
 def bench_hf_decode(hf_dir, vocab, cases, prompt_len, new, repeats) -> dict[tuple[int, str], float]:
@@ -243,6 +279,10 @@ def main():
     results["decode_bf16"] = {"32": {"tokens_per_s": ours_bf16, "hf_tokens_per_s": hf[32, "bfloat16"],
                                      "decode_speedup_vs_hf": ours_bf16 / hf[32, "bfloat16"]}}
     results["rollouts"] = bench_rollouts(cfg, params, n=4, k=8, new=new, repeats=repeats)
+    # The benchmark's shapes, and the demo pipeline's sampling calls (glore.sample_rows=64, max_prompt_len=224,
+    # max_new_tokens=96), where longer prompts and attention spans change which layout wins.
+    layout_cases = {**{str(b): (b, prompt_len, new) for b in (8, 32, 64)}, "pipeline_64x224+96": (64, 224, 96)}
+    results["decode_layouts"] = bench_decode_layouts(cfg, params, layout_cases, repeats)
     results["prefix_sharing_speedup"] = results["rollouts"]["prefix_sharing_speedup"]
 
     print(f"{args.preset} preset ({results['params_m']:.1f}M params), prompt {prompt_len}, {new} new tokens, "
@@ -264,6 +304,11 @@ def main():
         print(f"tunix sampler, same weights (greedy tokens agree: {results['tunix']['greedy_token_agreement']:.0%}): " +
               ", ".join(f"batch {b} {r['tunix_tokens_per_s']:,.0f} tok/s ({r['decode_speedup_vs_tunix']:.2f}x)"
                         for b, r in results["decode"].items()))
+    if results["decode_layouts"]:
+        print(f"decode layouts on {results['devices']} devices, tokens/s (interleaved): " + "; ".join(
+            f"{b}: " + ", ".join(f"{k} {v:,.0f}" for k, v in r.items() if k in ("data_parallel", "spmd_fsdp",
+                                                                                  "one_device"))
+            for b, r in results["decode_layouts"].items()))
     ro = results["rollouts"]
     print(f"rollouts N={ro['n_prefixes']} K={ro['k']} (GSM8K prefixes, mean {ro['prefix_len_mean']:.0f} tokens): "
           f"shared {ro['shared_s']:.3f}s, naive {ro['naive_s']:.3f}s, speedup {ro['prefix_sharing_speedup']:.2f}x")
