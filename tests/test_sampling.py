@@ -71,8 +71,9 @@ def test_data_parallel_decode_equals_one_device_when_devices_stop_at_different_s
 
     One row per device and an EOS that ends rows at different steps: devices
     leave their loops at different steps, across decode phases, and every row
-    must still equal the one-device result (the step handed to the next phase
-    is the devices' maximum). Shared-prefix rollouts too.
+    must still equal the one-device result, and the state's step the longest
+    row's (the devices' maximum). Shared-prefix rollouts too. (The SPMD layout,
+    which a 'tensor' mesh uses, is checked by the (2, 2, 2) tests.)
     """
     mesh = shd.make_mesh((2, 4, 1))
     sharded = M.shard_params(TINY, params, mesh)
@@ -82,29 +83,29 @@ def test_data_parallel_decode_equals_one_device_when_devices_stop_at_different_s
     ends = [row.index(eos) if eos in row else 24 for row in free]
     assert ends[0] == 2 and max(ends) > 8  # device 0 stops in the first phase, another decodes past it
     toks, lens = S.pad_prompts(prompts, TINY.vocab_size, rows=8, length=16)
-    spmd = S.Sampler(TINY, mesh=mesh, independent_rows=False)
-    each = S.Sampler(TINY, mesh=mesh)
-    one = S.Sampler(TINY)
-    assert each.independent_rows and not spmd.independent_rows and not one.independent_rows
-    for strategy in (S.SamplingStrategy(), S.SamplingStrategy(temperature=1.0, top_p=0.9)):
-        kw = dict(max_new=24, strategy=strategy, stop=S.StopCondition(eos_id=eos), seed=6)
-        ref = one.sample(params, toks, lens, **kw)
-        if strategy.temperature == 0.0:  # greedy: the rows end where the free run put the EOS
-            assert [len(r) for r in S.unpad(ref, 8)] == [min(e + 1, 24) for e in ends]
-        for sampler in (each, spmd):
-            st = sampler.sample(sharded, toks, lens, **kw)
-            assert S.unpad(st, 8) == S.unpad(ref, 8)
-            np.testing.assert_array_equal(np.asarray(st.num_generated), np.asarray(ref.num_generated))
-            assert int(st.step) == int(ref.step)
-        roll = dict(k=2, max_new=24, strategy=strategy, stop=S.StopCondition(eos_id=eos), seed=2)
-        assert S.unpad(each.rollouts(sharded, toks, lens, **roll), 16) == \
-            S.unpad(one.rollouts(params, toks, lens, **roll), 16)
+    each, one = S.Sampler(TINY, mesh=mesh), S.Sampler(TINY)
+    assert each.independent_rows and not one.independent_rows
+    assert not S.Sampler(TINY, mesh=mesh, independent_rows=False).independent_rows
+    kw = dict(max_new=24, strategy=S.SamplingStrategy(), stop=S.StopCondition(eos_id=eos), seed=6)
+    ref, st = one.sample(params, toks, lens, **kw), each.sample(sharded, toks, lens, **kw)
+    assert [len(r) for r in S.unpad(ref, 8)] == [min(e + 1, 24) for e in ends]
+    assert S.unpad(st, 8) == S.unpad(ref, 8)
+    np.testing.assert_array_equal(np.asarray(st.num_generated), np.asarray(ref.num_generated))
+    np.testing.assert_allclose(np.asarray(st.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+    assert int(st.step) == int(ref.step) == 24
+    roll = dict(k=2, **kw)
+    assert S.unpad(each.rollouts(sharded, toks, lens, **roll), 16) == \
+        S.unpad(one.rollouts(params, toks, lens, **roll), 16)
     assert st.tokens.sharding.spec == shd.logical_to_spec(("activation_batch", None))
     # the weights are whole on every device; the rules table splits them over fsdp for training
-    leaf = jax.tree_util.tree_leaves(each.param_shardings)[0]
-    assert leaf.is_fully_replicated and not jax.tree_util.tree_leaves(spmd.param_shardings)[0].is_fully_replicated
+    assert all(s.is_fully_replicated for s in jax.tree_util.tree_leaves(each.param_shardings))
     with pytest.raises(ValueError, match="multiple of 8 prefixes, got 4"):
         each.rollouts(sharded, toks[:4], lens[:4], **roll)
+    # The front door pads its prefixes to the device count: 8 rows of K=4 become 8 prefixes, not 2.
+    gen = dict(max_new=8, rows=8, max_prompt_len=16)
+    t1 = dict(k=4, strategy=S.SamplingStrategy(temperature=1.0), seed=3)
+    assert [[c.tokens for c in r] for r in S.Generator(TINY, sharded, mesh=mesh, **gen).generate(PROMPTS, **t1)] == \
+        [[c.tokens for c in r] for r in S.Generator(TINY, params, **gen).generate(PROMPTS, **t1)]
     with pytest.raises(ValueError, match="tensor=1"):
         S.Sampler(TINY, mesh=shd.make_mesh((2, 2, 2)), independent_rows=True)
 
