@@ -43,7 +43,6 @@ from jax.sharding import Mesh, PartitionSpec
 
 from glore_jax import sharding as shd
 from glore_jax.models import ModelConfig, apply, param_shardings
-from glore_jax.models.params import abstract_params, count_params
 from glore_jax.models.decoding import LAYER_K_AXES, LAYER_V_AXES, LayerCache, decode_step, decode_weights, split_layers
 from glore_jax.sampling.strategy import SamplingStrategy, select
 
@@ -174,7 +173,7 @@ class Sampler:
             if asked:
                 raise ValueError(f"independent_rows needs a mesh with tensor=1, got {dict(m.shape)}")
             return False
-        return bool(asked) or 4 * count_params(abstract_params(self.config)) <= REPLICATE_PARAMS_MAX_BYTES
+        return bool(asked) or 4 * self.config.num_params() <= REPLICATE_PARAMS_MAX_BYTES
 
     # ----- the compiled programs -----
 
