@@ -85,3 +85,20 @@ def warm_policy(tmp_path_factory):
     trainer.train(c, objective="sft", records=records, mesh=make_mesh((1, 1, 1), devices=jax.devices()[:1]),
                   evaluators=[lambda run: GenerationEval(run, held_out, max_new=40, rows=8)])
     return tok, str(root / "sft")
+
+
+# Seconds each file took under `-n 2 --dist loadfile` on the slow 2-core CI machine (2026-12-02).
+# xdist hands out whole files in collection order (with --no-loadscope-reorder); longest first
+# keeps the two workers' totals within a file of each other. By the test count (xdist's own
+# default) the workers ended 1,048 and 774 s into the run. Files not listed run last.
+FILE_SECONDS = {
+    "test_train.py": 302, "test_pipeline.py": 226, "test_sampling.py": 216, "test_agent.py": 186,
+    "test_models.py": 157, "test_multiprocess.py": 122, "test_reliability.py": 95, "test_latro.py": 90,
+    "test_onpolicy.py": 88, "test_packing.py": 73, "test_scoring.py": 51, "test_score.py": 40,
+    "test_objectives.py": 39, "test_export.py": 29, "test_compile.py": 27, "test_malformed.py": 20,
+    "test_rl.py": 16, "test_hardware.py": 15, "test_data.py": 12, "test_convert.py": 9,
+}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: a file's own order stays
