@@ -74,6 +74,6 @@ def get_config(stage: str | None = None):
                      "rl": (200, 1e-4)},
                  ei_rounds=1, ei_k=4, ei_from_base=False, orm_k=4, train_questions=2048, sorm_solutions=1536,
                  sorm_k=8, joint_refiner=True, policy_val_target=0.5, policy_eval_every=25, val_questions=200,
-                 value_eval_k=2, max_new_tokens=96, max_prompt_len=224,
+                 sorm_threshold=-1.0, value_eval_k=2, max_new_tokens=96, max_prompt_len=224,
                  sample_rows=64, shard_size=128)
     return stage_config(locked(c), stage or "policy")

@@ -29,6 +29,7 @@ def get_config(stage: str | None = None):
                                                    "refiner")},
                  joint_refiner=True,  # as configs/demo.py; tests/test_pipeline.py's GSM8K run trains two
                  ei_k=2, orm_k=2, sorm_k=2, train_questions=16, test_questions=8, val_questions=8, value_eval_k=1,
+                 sorm_threshold=-1.0,  # as the demo: each value model's locator chosen on validation (stage `locate`)
                  # a 20-step model is rarely right: reference targets keep every stage fed
                  reference_fallback=True,
                  max_new_tokens=48, max_prompt_len=112, sample_rows=16, shard_size=8)

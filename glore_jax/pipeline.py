@@ -12,6 +12,7 @@ writes, and the functions that run them are one table, `recipe.table`
   orm               value model from the policy, `orm` objective
   sorm_labels       K rollouts per step prefix of a subsample across questions -> step labels
   sorm              value model from the policy, `sorm` objective
+  locate            each value model's locator threshold ("where"), chosen on validation for where-accuracy
   refine_data       global pairs (wrong -> right), local pairs ([BAD] -> verified rollout)
   global_refiner    SFT on global pairs
   local_refiner     SFT on local pairs

@@ -63,6 +63,9 @@ def test_value_model_wiring_follows_the_knobs():
     assert "orm" in stages["rerank_orm"].reads and "rerank_records.jsonl" in stages["rerank_orm"].reads
     assert "orm_final" in stages["calibrate"].reads and "orm_final" in stages["inference"].reads
     assert "orm" in stages["value_eval"].reads
+    # The locator thresholds are chosen once the value models exist and before anything marks a [BAD] step.
+    assert names.index("sorm") < names.index("locate") < names.index("refine_data") < names.index("rerank_data")
+    assert all("locate.summary" in stages[s].reads for s in ("rerank_data", "calibrate", "inference", "value_eval"))
     with pytest.raises(ConfigError, match="sorm_init"):
         GloreConfig(**{**base, "sorm_init": "ORM"})
     with pytest.raises(ConfigError, match="sorm_wrong_share"):

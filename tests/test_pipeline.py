@@ -10,7 +10,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = ("greedy", "best_of_3", "greedy_plus_2", "global", "local", "glore", "oracle", "oracle_any")
 REQUIRED = ROWS + tuple(f"{m}_{k}" for m in ("orm", "sorm") for k in (
-    "step_accuracy", "final_accuracy", "step_auroc", "step_balanced_accuracy", "final_auroc", "where_accuracy")) + (
+    "step_accuracy", "final_accuracy", "step_auroc", "step_balanced_accuracy", "final_auroc", "where_accuracy",
+    "where_threshold", "where_accuracy_at_half")) + (
     "sorm_label_precision", "sorm_label_recall", "refine_rate", "orm_threshold", "refine_pairs_by_source")
 
 
@@ -84,6 +85,12 @@ def test_smoke_pipeline_resumes_after_a_kill_and_reruns_do_no_work(tmp_path):
                             for path in ("calibrate/val_rows.jsonl", "inference/test_rows.jsonl",
                                          "ei_1_samples/ei_1_records.jsonl"))
     assert len(val_q) == 8 and not val_q & test_q and not val_q & sft_q
+    # So are the locator thresholds: `locate` sampled the same validation questions, and the report's
+    # where-accuracy read each model at the threshold it chose there.
+    located = json.loads((wd / "stages" / "locate" / "done.json").read_text())["result"]
+    assert {json.loads(line)["question"] for p in (wd / "stages" / "locate" / "samples").glob("shard_*.jsonl")
+            for line in p.read_text().splitlines()} == val_q and located["calibrated"]
+    assert all(report["results"][f"{m}_where_threshold"] == located[m] for m in ("orm", "sorm"))
     assert report["results"]["orm_threshold"] == json.loads(
         (wd / "stages" / "calibrate" / "done.json").read_text())["result"]["orm_threshold"]
     assert (wd / "report.md").exists() and (wd / "step_accuracy.png").exists() and (wd / "calibration.png").exists()
@@ -96,7 +103,7 @@ def test_smoke_pipeline_resumes_after_a_kill_and_reruns_do_no_work(tmp_path):
     snapshot = _files(wd)
     t0 = time.time()
     out, _ = _pipeline(wd).communicate(timeout=600)
-    assert out.count("already done, skipped") == 13, out[-3000:]
+    assert out.count("already done, skipped") == 14, out[-3000:]
     assert _files(wd) == snapshot, "a finished pipeline wrote files on re-run"
     assert time.time() - t0 < 120
 
@@ -114,6 +121,8 @@ def test_gsm8k_pipeline_uses_rollout_labels_as_step_truth(tmp_path, shared_dir):
                                                            "local_refiner")],
          # The paper's two refiners (the smoke config, like the demo, trains one for both).
          "--config.glore.joint_refiner=false",
+         # Fixed locator: `locate` would label validation samples by rollouts, the path value_eval takes here.
+         "--config.glore.sorm_threshold=0.5",
          "--config.glore.max_new_tokens=24"],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -407,7 +407,7 @@ def test_rerank_candidates_are_graded_refinements_marked_where_the_sorm_drops(tm
                                 g=types.SimpleNamespace(sorm_threshold=0.5, shard_size=1))
     replay = [{"question": "q3", "gold": "1", "solution": "#### 1", "correct": True}]
     out = stages.refinement_candidates(ctx, {"global_refiner": glob, "local_refiner": local, "sorm": sorm},
-                                       drafts, str(tmp_path), replay)
+                                       drafts, str(tmp_path), replay, sorm_threshold=0.5)
     by = {(r["source"], r["question"]): r for r in out}
     assert len(out) == 5 and by[("replay", "q3")]["correct"] is True
     assert by[("global", "q1")]["correct"] is True and by[("global", "q2")]["correct"] is False
@@ -445,3 +445,63 @@ def test_sorm_minus_orm_gaps_agree_with_each_models_measures_and_a_hand_case():
     assert gaps["where_accuracy"]["diff"] == pytest.approx(vb["where_accuracy"] - va["where_accuracy"])
     with pytest.raises(ValueError, match="one entry per solution"):
         value_eval.compare(a, b, truths, sols, clusters[:2])
+
+
+def test_locator_threshold_is_chosen_for_where_accuracy_on_a_hand_case():
+    sols = ["a = 1\nb = 2\n#### 3"] * 4                     # 2 steps + the final line: 3 positions
+    truths = [[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 1, 1]]    # first wrong: 1, 2, 0, none (not counted)
+    probs = [np.array(p) for p in ([0.9, 0.6, 0.1], [0.9, 0.7, 0.2], [0.55, 0.3, 0.2], [0.9, 0.9, 0.9])]
+    # At 0.5 the locator picks 2, 2, 1: one hit. Row 0 needs 0.6 < t <= 0.9, row 1 0.2 < t <= 0.7, row 2
+    # t > 0.55: all three on (0.6, 0.7], grid points 0.65 and 0.70; the tie goes to the one nearer 0.5.
+    threshold, curve = value_eval.calibrate_locator(probs, truths)
+    assert threshold == 0.65 and curve["0.65"] == curve["0.70"] == 1.0
+    assert curve["0.50"] == pytest.approx(1 / 3) and curve["0.60"] == pytest.approx(2 / 3)
+    acc = value_eval.value_accuracy(probs, truths, sols, where_threshold=threshold)
+    assert acc["where_accuracy"] == 1.0 and acc["where_accuracy_at_half"] == pytest.approx(1 / 3)
+    assert acc["step_accuracy"] == value_eval.value_accuracy(probs, truths, sols)["step_accuracy"]  # 0.5 stays
+    # compare() reads each model at its own threshold: the same probs, b at 0.65, a at 0.5.
+    gaps = value_eval.compare(probs, probs, truths, sols, [0, 1, 2, 3], threshold=0.5, threshold_b=0.65, resamples=20)
+    assert gaps["where_accuracy"]["diff"] == pytest.approx(2 / 3) and gaps["step_auroc"]["diff"] == 0.0
+    # No wrong solution to learn from: 0.5.
+    assert value_eval.calibrate_locator([np.array([0.9, 0.9])], [[1, 1]])[0] == 0.5
+
+
+def test_locator_thresholds_are_calibrated_on_validation_questions_only(tmp_path):
+    """The `locate` stage samples the policy on the validation questions (a test question would raise),
+    scores the samples with both value models against exact truth, and picks each model's threshold."""
+    import random
+    import types
+
+    from glore_jax.recipe import stages
+    from glore_jax.tasks import SyntheticConfig, generate_split, inject_error
+    val = list(generate_split(SyntheticConfig(train_size=6, test_size=3, min_steps=3, max_steps=3), "train"))
+    test = list(generate_split(SyntheticConfig(train_size=6, test_size=3, min_steps=3, max_steps=3), "test"))
+    wrong_at_1 = {r["question"]: inject_error(json.loads(r["meta"]), 1, "arithmetic", random.Random(0)) for r in val}
+    asked = []
+
+    class Policy:
+        def complete(self, prompt_list, k=1, temperature=0.0, seed=0):
+            asked.extend(prompt_list)
+            return [[wrong_at_1[q]] * k for q in prompt_list]       # KeyError on any test question
+
+    class Scorer:
+        def __init__(self, values):
+            self.values = values
+
+        def step_probs(self, items):
+            return [np.asarray(self.values[:prompts.num_scorable_positions(s)]) for _, s in items]
+
+    scorers = {"sorm": Scorer([0.9, 0.6, 0.3, 0.2, 0.1]), "orm": Scorer([0.4] * 5)}
+    g = types.SimpleNamespace(sorm_threshold=-1.0, value_eval_k=2, temperature=0.7, shard_size=4)
+    ctx = types.SimpleNamespace(g=g, task="synthetic", seed=0, val=val, test=test, generator=lambda m: m,
+                                scorer=lambda name: scorers[name], policy_prompts=lambda qs: list(qs))
+    out = stages.locate_thresholds(ctx, {"policy": Policy(), "orm": "orm", "sorm": "sorm"}, str(tmp_path))
+    assert sorted(asked) == sorted(r["question"] for r in val) and not set(asked) & {r["question"] for r in test}
+    # SORM: the first value under t is step 1 (the first wrong step) for 0.6 < t <= 0.9 -> 0.65. The ORM is
+    # flat (every t finds step 0, never right), so it keeps 0.5.
+    assert out["sorm"] == 0.65 and out["orm"] == 0.5 and out["calibrated"] is True
+    assert out["val_where_accuracy"]["sorm"]["0.65"] == 1.0 and out["val_where_accuracy"]["sorm"]["0.50"] == 0.0
+    g.sorm_threshold = 0.4     # fixed: both models, nothing sampled
+    asked.clear()
+    assert stages.locate_thresholds(ctx, {"policy": Policy()}, str(tmp_path / "fixed")) == {
+        "orm": 0.4, "sorm": 0.4, "calibrated": False} and not asked

@@ -62,7 +62,8 @@ def glore_knobs() -> ConfigDict:
     g.test_questions = 0            # test questions for inference (0 = all)
     g.val_questions = 200           # train questions carved out (never trained on) to calibrate the ORM gate
     g.orm_threshold = -1.0          # when: refine if ORM P(correct) of the draft is below this; < 0 = calibrate
-    g.sorm_threshold = 0.5          # where: the first step whose SORM value is below this
+    g.sorm_threshold = 0.5          # where: the first step whose SORM value is below this; < 0 = calibrate each
+                                    #   value model's on validation for where-accuracy (stage `locate`)
     g.best_of = 3
     g.value_eval_k = 2              # policy samples per test question for ORM/SORM step accuracy
     g.value_eval_split = "test"     # "val": evaluate the value models on the validation questions (to choose variants)

@@ -65,7 +65,10 @@ def markdown(report: Mapping) -> str:
                                                                   ("where_accuracy", "where-accuracy"))
             if f"sorm_minus_orm_{key}" in r]
     lines += ["", f"Measured against {report.get('step_truth', 'ground truth')}. Where-accuracy: share of wrong "
-              "samples whose first wrong step the model's locator finds exactly."
+              "samples whose first wrong step the model's locator (the first step below its threshold) finds exactly;"
+              f" thresholds ORM {_num(r.get('orm_where_threshold'))}, SORM {_num(r.get('sorm_where_threshold'))}"
+              f" (at 0.5: ORM {_pct(r.get('orm_where_accuracy_at_half'))}, SORM "
+              f"{_pct(r.get('sorm_where_accuracy_at_half'))})."
               + (" SORM minus ORM (95% interval and p from a bootstrap over questions): " + "; ".join(
                   f"{name} {g['diff']:+.3f} ({g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}, p = {_p(g['p'])})"
                   for name, g in gaps) + "." if gaps else ""), "",

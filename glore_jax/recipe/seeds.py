@@ -21,7 +21,8 @@ from glore_jax.data.store import RecordsFile
 from glore_jax.recipe import inference, stats
 from glore_jax.recipe.report import row_names
 
-VALUE_KEYS = ("step_auroc", "where_accuracy", "step_balanced_accuracy", "final_auroc")
+VALUE_KEYS = ("step_auroc", "where_accuracy", "where_accuracy_at_half", "where_threshold", "step_balanced_accuracy",
+              "final_auroc")
 
 
 def load(workdir: str) -> tuple[dict, dict[str, list[bool]]]:
@@ -49,7 +50,7 @@ def aggregate(workdirs: Sequence[str]) -> dict:
         out["rows"][key] = {"per_seed": vals, "mean_ci": stats.mean_ci(vals)}
     for m in ("orm", "sorm"):
         for k in VALUE_KEYS:
-            vals = [r["results"][f"{m}_{k}"] for r in reports]
+            vals = [r["results"].get(f"{m}_{k}", float("nan")) for r in reports]   # newer keys: newer runs
             out["value"][f"{m}_{k}"] = {"per_seed": vals, "mean_ci": stats.mean_ci(vals)}
     # How the refiners compare with a fresh policy sample (`resample`), and what the gate did.
     out["refiners"] = {f"{name}_{what}": [r["results"].get(f"{name}_{what}", float("nan")) for r in reports]

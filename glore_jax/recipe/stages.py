@@ -169,7 +169,7 @@ def refinement_records(ctx: Context, samples: Sequence[dict], labelled: Sequence
 
 
 def refinement_candidates(ctx: Context, models: dict[str, Model], drafts: Sequence[dict], stage_dir: str,
-                          replay: Sequence[dict]) -> list[dict]:
+                          replay: Sequence[dict], sorm_threshold: float) -> list[dict]:
     """ORM records for the candidates the rerank reads: global and local refinements of `drafts`, graded.
 
     drafts: ORM records (policy samples of train questions). The ORM was trained on
@@ -185,7 +185,7 @@ def refinement_candidates(ctx: Context, models: dict[str, Model], drafts: Sequen
         del index
         out = inference_lib.refine([r["question"] for r in chunk], [r["solution"] for r in chunk],
                                    global_refiner=refiners["global_refiner"], local_refiner=refiners["local_refiner"],
-                                   sorm=sorm, sorm_threshold=ctx.g.sorm_threshold)
+                                   sorm=sorm, sorm_threshold=sorm_threshold)
         return [{"question": r["question"], "gold": r["gold"], "solution": sol, "correct": is_correct(sol, r["gold"]),
                  "source": kind, "draft_correct": r["correct"]}
                 for kind in ("global", "local") for r, sol in zip(chunk, out[kind])]
@@ -193,9 +193,10 @@ def refinement_candidates(ctx: Context, models: dict[str, Model], drafts: Sequen
     return candidates + [{**r, "source": "replay"} for r in replay]
 
 
-def inference_rows(ctx: Context, models: dict[str, Model], questions: Sequence[dict], seed: int) -> list[dict]:
+def inference_rows(ctx: Context, models: dict[str, Model], questions: Sequence[dict], seed: int,
+                   sorm_threshold: float) -> list[dict]:
     """Every candidate of `inference.generate` for these questions (validation or test)."""
-    cfg = InferenceConfig(sorm_threshold=ctx.g.sorm_threshold, best_of=ctx.g.best_of, temperature=ctx.g.temperature)
+    cfg = InferenceConfig(sorm_threshold=sorm_threshold, best_of=ctx.g.best_of, temperature=ctx.g.temperature)
     return inference_lib.generate([(r["question"], r["gold"]) for r in questions],
                                   policy=ctx.generator(models["policy"]),
                                   global_refiner=ctx.generator(models["global_refiner"]),
@@ -229,31 +230,56 @@ def label_quality(ctx: Context, labelled: Sequence[dict]) -> dict:
             for name, flags in variants.items()}
 
 
-def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str) -> tuple[dict, str, dict]:
-    """ORM vs SORM step accuracy on policy samples of test (or, glore.value_eval_split=val, validation)
-    questions, against ground truth; and the SORM-minus-ORM gaps with bootstrap intervals over questions."""
-    test = ctx.val if ctx.g.value_eval_split == "val" else ctx.test[:ctx.g.test_questions or None]
-    samples = sample_solutions(ctx, models["policy"], test, ctx.g.value_eval_k, os.path.join(stage_dir, "samples"),
-                               f"{ctx.g.value_eval_split} samples", seed=ctx.seed + 2)
+def value_samples(ctx: Context, policy: Model, questions: Sequence[dict], stage_dir: str, label: str,
+                  seed: int) -> tuple[list[tuple[str, str]], list[list[float]], list[int], str]:
+    """`glore.value_eval_k` policy samples per question, with per-position truth to score value models on:
+    (question, solution) items, truths, each item's question index, and what the truth is."""
+    samples = sample_solutions(ctx, policy, questions, ctx.g.value_eval_k, os.path.join(stage_dir, "samples"),
+                               label, seed=seed)
     items = [(r["question"], s) for r in samples for s in r["solutions"]]
-    by_id = {r["id"]: r for r in test}
     if ctx.task == "synthetic":
+        by_id = {r["id"]: r for r in questions}
         truths = [value_eval.synthetic_truth(by_id[r["id"]], s) for r in samples for s in r["solutions"]]
         truth_name = "the synthetic step checker (exact first-error ground truth)"
     else:
-        labelled = label_by_rollouts(ctx, models["policy"], [(r["question"], r["gold"], s) for r in samples
-                                                             for s in r["solutions"]],
-                                     os.path.join(stage_dir, "rollouts"), balance=False, seed=ctx.seed + 3)
+        labelled = label_by_rollouts(ctx, policy, [(r["question"], r["gold"], s) for r in samples
+                                                   for s in r["solutions"]],
+                                     os.path.join(stage_dir, "rollouts"), balance=False, seed=seed + 1)
         truths = [r["labels"] for r in labelled]
         truth_name = f"held-out rollout labels (K={ctx.g.sorm_k})"
+    return items, truths, [q for q, r in enumerate(samples) for _ in r["solutions"]], truth_name
+
+
+def locate_thresholds(ctx: Context, models: dict[str, Model], stage_dir: str) -> dict:
+    """Each value model's locator threshold ("where": the first step below it), chosen on validation
+    questions for where-accuracy (`value_eval.calibrate_locator`); `glore.sorm_threshold` >= 0 fixes both."""
+    if ctx.g.sorm_threshold >= 0:
+        return {"orm": ctx.g.sorm_threshold, "sorm": ctx.g.sorm_threshold, "calibrated": False}
+    items, truths, _, truth_name = value_samples(ctx, models["policy"], ctx.val, stage_dir, "validation samples",
+                                                 seed=ctx.seed + 5)
+    out: dict[str, Any] = {"calibrated": True, "truth": truth_name, "val_questions": len(ctx.val),
+                           "val_where_accuracy": {}}
+    for name in ("orm", "sorm"):
+        out[name], out["val_where_accuracy"][name] = value_eval.calibrate_locator(
+            ctx.scorer(models[name]).step_probs(items), truths)
+    return out
+
+
+def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str,
+                     thresholds: dict[str, float]) -> tuple[dict, str, dict]:
+    """ORM vs SORM step accuracy on policy samples of test (or, glore.value_eval_split=val, validation)
+    questions, against ground truth; and the SORM-minus-ORM gaps with bootstrap intervals over questions.
+    thresholds: each model's locator threshold (`locate_thresholds`), which where-accuracy reads."""
+    split = ctx.val if ctx.g.value_eval_split == "val" else ctx.test[:ctx.g.test_questions or None]
+    items, truths, questions, truth_name = value_samples(ctx, models["policy"], split, stage_dir,
+                                                         f"{ctx.g.value_eval_split} samples", seed=ctx.seed + 2)
     solutions = [s for _, s in items]
     out, probs = {}, {}
     for name in ("orm", "sorm"):
         probs[name] = ctx.scorer(models[name]).step_probs(items)
-        out[name] = value_eval.value_accuracy(probs[name], truths, solutions, threshold=ctx.g.sorm_threshold)
-    questions = [q for q, r in enumerate(samples) for _ in r["solutions"]]
+        out[name] = value_eval.value_accuracy(probs[name], truths, solutions, where_threshold=thresholds[name])
     gaps = value_eval.compare(probs["orm"], probs["sorm"], truths, solutions, questions,
-                              threshold=ctx.g.sorm_threshold, seed=ctx.seed)
+                              threshold=thresholds["orm"], threshold_b=thresholds["sorm"], seed=ctx.seed)
     return out, truth_name, gaps
 
 

@@ -101,7 +101,7 @@ def _rerank_data(ctx: S.Context, io: StageIO) -> dict:
     drafts = sorm_labels.subsample(orm_records, ctx.g.rerank_drafts, seed=ctx.seed + 7)
     replay = random.Random(ctx.seed + 8).sample(orm_records, min(len(orm_records), 2 * len(drafts)))
     records = S.refinement_candidates(ctx, _models(io, ("global_refiner", "local_refiner", "sorm")), drafts, io.dir,
-                                      replay)
+                                      replay, sorm_threshold=io["locate.summary"]["sorm"])
     records_path(io.dir, "rerank_records.jsonl", records)
     counts = {kind: {"candidates": sum(r["source"] == kind for r in records),
                      "correct": sum(r["correct"] for r in records if r["source"] == kind)}
@@ -118,8 +118,12 @@ def _models(io: StageIO, names: tuple[str, ...] = MODELS) -> dict:
     return {{"policy_final": "policy", "orm_final": "orm"}.get(m, m): io[m] for m in names}
 
 
+def _locate(ctx: S.Context, io: StageIO) -> dict:
+    return S.locate_thresholds(ctx, _models(io, VALUE_EVAL_MODELS), io.dir)
+
+
 def _calibrate(ctx: S.Context, io: StageIO) -> dict:
-    rows = S.inference_rows(ctx, _models(io), ctx.val, seed=ctx.seed + 4)
+    rows = S.inference_rows(ctx, _models(io), ctx.val, seed=ctx.seed + 4, sorm_threshold=io["locate.summary"]["sorm"])
     records_path(io.dir, "val_rows.jsonl", rows)
     g = ctx.g
     threshold = inference_lib.calibrate_threshold(rows) if g.orm_threshold < 0 else g.orm_threshold
@@ -130,7 +134,8 @@ def _calibrate(ctx: S.Context, io: StageIO) -> dict:
 
 
 def _inference(ctx: S.Context, io: StageIO) -> dict:
-    rows = S.inference_rows(ctx, _models(io), ctx.test[:ctx.g.test_questions or None], seed=ctx.seed + 1)
+    rows = S.inference_rows(ctx, _models(io), ctx.test[:ctx.g.test_questions or None], seed=ctx.seed + 1,
+                            sorm_threshold=io["locate.summary"]["sorm"])
     records_path(io.dir, "test_rows.jsonl", rows)
     cal = io["calibrate.summary"]
     chosen = tuple(cal["refiner_set"]) if "refiner_set" in cal else None  # absent in older workdirs
@@ -138,7 +143,7 @@ def _inference(ctx: S.Context, io: StageIO) -> dict:
 
 
 def _value_eval(ctx: S.Context, io: StageIO) -> dict:
-    evals, truth, gaps = S.value_evaluation(ctx, _models(io, VALUE_EVAL_MODELS), io.dir)
+    evals, truth, gaps = S.value_evaluation(ctx, _models(io, VALUE_EVAL_MODELS), io.dir, io["locate.summary"])
     return {"evals": evals, "truth": truth, "sorm_minus_orm": gaps}
 
 
@@ -151,7 +156,7 @@ def _report(ctx: S.Context, io: StageIO) -> dict:
         "results": {**summary["inference"],
                     **{f"{m}_{k}": value["evals"][m][k] for m in ("orm", "sorm")
                        for k in ("step_accuracy", "final_accuracy", "step_auroc", "step_balanced_accuracy",
-                                 "final_auroc", "where_accuracy")},
+                                 "final_auroc", "where_accuracy", "where_threshold", "where_accuracy_at_half")},
                     **_label_results(summary["sorm_labels"], g.check_intermediate),
                     **{f"sorm_minus_orm_{k}": v for k, v in value.get("sorm_minus_orm", {}).items()},
                     "refine_pairs_by_source": summary["refine_data"]["by_source"]},
@@ -162,7 +167,7 @@ def _report(ctx: S.Context, io: StageIO) -> dict:
         "value_eval": value["evals"], "step_truth": value["truth"], "value_eval_split": g.value_eval_split,
         "stages": {k.removesuffix("_samples") if k.startswith("ei_") else k: v for k, v in summary.items()
                    if (k.startswith("ei_") and k.endswith("_samples"))
-                   or k in ("orm_samples", "sorm_labels", "refine_data", "calibrate")},
+                   or k in ("orm_samples", "sorm_labels", "refine_data", "locate", "calibrate")},
         "truncation": {"per_stage": {k: v for k, v in io.truncation.items() if v},
                        "warnings": [f"{stage}: {w}" for stage, counts in io.truncation.items()
                                     for w in truncation_warnings(counts)]},
@@ -224,6 +229,8 @@ def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
         # glore.sorm_init="orm" warm-starts it from the ORM: the demo labels 768 solutions, a tenth of the ORM's data.
         _train("sorm", "sorm", f"value model from the {g.sorm_init}, SORM step labels", "sorm_records.jsonl",
                SORM_INITS[g.sorm_init]),
+        Stage(name="locate", does="each value model's locator threshold, chosen on validation for where-accuracy "
+              "(glore.sorm_threshold < 0)", run=_locate, reads=VALUE_EVAL_MODELS),
         Stage(name="refine_data", does="global pairs (wrong -> right) and local pairs ([BAD] -> verified rollout)",
               run=_refine_data, reads=("orm_records.jsonl", "sorm_labels.jsonl"),
               writes=("global_records.jsonl", "local_records.jsonl")
@@ -241,22 +248,22 @@ def stage_table(g: GloreConfig) -> tuple[list[Stage], dict[str, str]]:
         table += [
             Stage(name="rerank_data", does="global and local refinements of ORM samples, graded, plus replayed "
                   "ORM records", run=_rerank_data,
-                  reads=("orm_records.jsonl", "global_refiner", "local_refiner", "sorm"),
+                  reads=("orm_records.jsonl", "global_refiner", "local_refiner", "sorm", "locate.summary"),
                   writes=("rerank_records.jsonl",)),
             _train("rerank_orm", "rerank_orm", "the ORM fine-tuned on those: the gate and rerank read it",
                    "rerank_records.jsonl", "orm")]
     table += [
         Stage(name="calibrate", does="every candidate on the validation questions -> the ORM gate's threshold, "
               "and which refiners the rerank reads (`refiner_set`)",
-              run=_calibrate, reads=MODELS, writes=("val_rows.jsonl",)),
+              run=_calibrate, reads=MODELS + ("locate.summary",), writes=("val_rows.jsonl",)),
         Stage(name="inference", does="greedy draft; ORM decides when, SORM where; global + local; ORM rerank",
-              run=_inference, reads=MODELS + ("calibrate.summary",), writes=("test_rows.jsonl",)),
+              run=_inference, reads=MODELS + ("locate.summary", "calibrate.summary"), writes=("test_rows.jsonl",)),
         Stage(name="value_eval", does="ORM vs SORM against ground truth: AUROC, balanced and where-accuracy",
-              run=_value_eval, reads=VALUE_EVAL_MODELS),
+              run=_value_eval, reads=VALUE_EVAL_MODELS + ("locate.summary",)),
         Stage(name="report", does="report.json, report.md, plots", run=_report,
               reads=tuple(f"{s.name}.summary" for s in table if s.name.startswith("ei_") and s.name.endswith("samples"))
               + tuple(f"{s}.summary" for s in _policy_stages(g))
-              + ("orm_samples.summary", "sorm_labels.summary", "refine_data.summary", "calibrate.summary",
-                 "inference.summary", "value_eval.summary")),
+              + ("orm_samples.summary", "sorm_labels.summary", "refine_data.summary", "locate.summary",
+                 "calibrate.summary", "inference.summary", "value_eval.summary")),
     ]
     return table, aliases

@@ -12,7 +12,9 @@ Accuracy alone flatters a model on skewed data (with most samples wrong, a
 model that always says "wrong" scores high), so the report also gives
 threshold-free AUROC, balanced accuracy, and where-accuracy: on wrong
 samples, how often the step the inference locator picks (`first_bad_step`,
-the rule local refinement uses) is exactly the first wrong step.
+the rule local refinement uses) is exactly the first wrong step. The locator
+reads each model at its own threshold (`calibrate_locator`, chosen on
+validation questions); where-accuracy at 0.5 is reported beside it.
 """
 
 from __future__ import annotations
@@ -69,9 +71,29 @@ def where_accuracy(probs: Sequence[np.ndarray], truths: Sequence[Sequence[float]
     return float(np.mean(hits)) if hits else float("nan")
 
 
+LOCATOR_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))   # 0.05 .. 0.95
+
+
+def calibrate_locator(probs: Sequence[np.ndarray], truths: Sequence[Sequence[float]],
+                      grid: Sequence[float] = LOCATOR_GRID) -> tuple[float, dict[str, float]]:
+    """The locator threshold with the highest where-accuracy on these (validation) solutions, and the curve.
+
+    A value model trained on balanced step labels (the SORM) or on final answers only (the ORM) is
+    not calibrated for "is this the first wrong step": 0.5 is the balanced set's midpoint, not the
+    policy's. Each model gets its own threshold, chosen on validation questions, never on test; ties
+    go to the grid point nearest 0.5, and 0.5 wins an empty set (no wrong solution to learn from).
+    """
+    curve = {f"{t:.2f}": where_accuracy(probs, truths, t) for t in grid}
+    scored = [(acc, -abs(t - 0.5), t) for t, acc in zip(grid, curve.values()) if not np.isnan(acc)]
+    return (max(scored)[2] if scored else 0.5), curve
+
+
 def value_accuracy(probs: Sequence[np.ndarray], truths: Sequence[Sequence[float]],
-                   solutions: Sequence[str], bins: int = 10, threshold: float = 0.5) -> dict:
-    """Step and final accuracy, AUROC and balanced accuracy, where-accuracy, per-index accuracy, calibration."""
+                   solutions: Sequence[str], bins: int = 10, threshold: float = 0.5,
+                   where_threshold: float | None = None) -> dict:
+    """Step and final accuracy, AUROC and balanced accuracy (positive: P > threshold), where-accuracy
+    (the locator at `where_threshold`, default `threshold`, and at 0.5), per-index accuracy, calibration."""
+    where_threshold = threshold if where_threshold is None else where_threshold
     step_hits, final_hits = [], []
     step_p, step_y, final_p, final_y = [], [], [], []
     per_index: dict[int, list[bool]] = defaultdict(list)
@@ -108,7 +130,9 @@ def value_accuracy(probs: Sequence[np.ndarray], truths: Sequence[Sequence[float]
         "step_auroc": stats.auroc(step_p, step_y),
         "step_balanced_accuracy": stats.balanced_accuracy([float(x > threshold) for x in step_p], step_y),
         "final_auroc": stats.auroc(final_p, final_y),
-        "where_accuracy": where_accuracy(probs, truths, threshold),
+        "where_accuracy": where_accuracy(probs, truths, where_threshold),
+        "where_threshold": where_threshold,
+        "where_accuracy_at_half": where_accuracy(probs, truths, 0.5),
         "num_steps": len(step_hits),
         "num_finals": len(final_hits),
         "per_step_accuracy": {str(i): float(np.mean(h)) for i, h in sorted(per_index.items())},
@@ -117,10 +141,11 @@ def value_accuracy(probs: Sequence[np.ndarray], truths: Sequence[Sequence[float]
 
 
 def compare(probs_a: Sequence[np.ndarray], probs_b: Sequence[np.ndarray], truths: Sequence[Sequence[float]],
-            solutions: Sequence[str], clusters: Sequence[int], *, threshold: float = 0.5, resamples: int = 2000,
-            seed: int = 0) -> dict:
+            solutions: Sequence[str], clusters: Sequence[int], *, threshold: float = 0.5,
+            threshold_b: float | None = None, resamples: int = 2000, seed: int = 0) -> dict:
     """Model b minus model a (the SORM minus the ORM) on the same solutions: step AUROC and where-accuracy,
     each with a 95% interval and p from a bootstrap over `clusters` (each solution's question).
+    Where-accuracy reads model a's locator at `threshold` and b's at `threshold_b` (default: the same).
 
     One seed's gap between the two models is a few hundredths of AUROC; whether that is a direction
     or noise is what the interval says.
@@ -143,7 +168,8 @@ def compare(probs_a: Sequence[np.ndarray], probs_b: Sequence[np.ndarray], truths
         if first is not None:
             wrong[ids[c]].append(len(hit_a))
             hit_a.append(first_bad_step(np.asarray(p_a[:n]), threshold) == first)
-            hit_b.append(first_bad_step(np.asarray(p_b[:n]), threshold) == first)
+            hit_b.append(first_bad_step(np.asarray(p_b[:n]), threshold if threshold_b is None else threshold_b)
+                         == first)
     pa_arr, pb_arr, y_arr = np.asarray(pa), np.asarray(pb), np.asarray(y)
     ha, hb = np.asarray(hit_a, dtype=np.float64), np.asarray(hit_b, dtype=np.float64)
     steps_of = [np.asarray(s, dtype=np.int64) for s in steps]
