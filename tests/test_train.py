@@ -191,8 +191,9 @@ def test_one_step_matches_on_8_device_mesh(task_records, tokenizer_path, one_dev
     loss_one, loss_eight = (_metrics(tmp_path / n)[0]["loss"] for n in ("one", "eight"))
     assert abs(loss_one - loss_eight) < 1e-5
     # Adam's first update is ~lr * g/|g|, which amplifies summation-order noise
-    # where |g| is near eps; 1% of a step bounds that, any real bug moves params by ~lr.
-    assert _max_diff(results["one"], results["eight"]) < 1e-2 * c.train.learning_rate
+    # where |g| is near eps; 3% of a step bounds that (measured: 0.35% of lr under XLA's default -O2,
+    # 1.3% under the tests' -O0, tests/conftest.py), any real bug moves params by ~lr.
+    assert _max_diff(results["one"], results["eight"]) < 3e-2 * c.train.learning_rate
 
 
 def test_value_model_starts_from_policy_workdir(task_records, tokenizer_path, one_device, tmp_path):
