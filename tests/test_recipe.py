@@ -505,3 +505,21 @@ def test_locator_thresholds_are_calibrated_on_validation_questions_only(tmp_path
     asked.clear()
     assert stages.locate_thresholds(ctx, {"policy": Policy()}, str(tmp_path / "fixed")) == {
         "orm": 0.4, "sorm": 0.4, "calibrated": False} and not asked
+    # value_eval classifies steps at a configured threshold (0.5 when locate calibrates) and reads
+    # where-accuracy at each model's own threshold. SORM: [0.9, 0.6, 0.3] against truth [1, 0, 0].
+    g.value_eval_split, g.test_questions = "val", 0
+    models = {"policy": Policy(), "orm": "orm", "sorm": "sorm"}
+    for fixed, step_accuracy in ((0.7, 1.0), (-1.0, 2 / 3)):
+        g.sorm_threshold = fixed
+        evals, _, _ = stages.value_evaluation(ctx, models, str(tmp_path / f"eval{fixed}"), {"orm": 0.5, "sorm": 0.65})
+        assert evals["sorm"]["step_accuracy"] == pytest.approx(step_accuracy), fixed
+        assert evals["sorm"]["where_accuracy"] == 1.0 and evals["orm"]["where_accuracy"] == 0.0
+
+
+def test_report_says_where_accuracy_is_optimistic_when_read_on_the_calibration_questions():
+    from glore_jax.recipe import report
+    rep = {"results": {"greedy": 0.5}, "value_eval_split": "val", "stages": {"locate": {"calibrated": True}}}
+    assert "optimistic" in report.markdown(rep)
+    for split, calibrated in (("test", True), ("val", False)):
+        rep.update(value_eval_split=split, stages={"locate": {"calibrated": calibrated}})
+        assert "optimistic" not in report.markdown(rep)

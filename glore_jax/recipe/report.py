@@ -38,6 +38,15 @@ def _p(x) -> str:
     return "n/a" if x is None else ("<0.001" if x < 1e-3 else f"{x:.3f}")
 
 
+def _same_questions_note(report: Mapping) -> str:
+    """With glore.value_eval_split=val, where-accuracy is read on the questions `locate` chose the
+    thresholds on (other samples of them): say so, since the figure is then optimistic."""
+    if report.get("value_eval_split") == "val" and report.get("stages", {}).get("locate", {}).get("calibrated"):
+        return (" The thresholds were chosen on these same validation questions (stage `locate`, other samples),"
+                " so these where-accuracies are optimistic; compare variants by them, report test.")
+    return ""
+
+
 def markdown(report: Mapping) -> str:
     r = report["results"]
     ci, pv = r.get("ci95", {}), r.get("p_vs_greedy", {})
@@ -68,7 +77,7 @@ def markdown(report: Mapping) -> str:
               "samples whose first wrong step the model's locator (the first step below its threshold) finds exactly;"
               f" thresholds ORM {_num(r.get('orm_where_threshold'))}, SORM {_num(r.get('sorm_where_threshold'))}"
               f" (at 0.5: ORM {_pct(r.get('orm_where_accuracy_at_half'))}, SORM "
-              f"{_pct(r.get('sorm_where_accuracy_at_half'))})."
+              f"{_pct(r.get('sorm_where_accuracy_at_half'))})." + _same_questions_note(report)
               + (" SORM minus ORM (95% interval and p from a bootstrap over questions): " + "; ".join(
                   f"{name} {g['diff']:+.3f} ({g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}, p = {_p(g['p'])})"
                   for name, g in gaps) + "." if gaps else ""), "",

@@ -274,10 +274,14 @@ def value_evaluation(ctx: Context, models: dict[str, Model], stage_dir: str,
     items, truths, questions, truth_name = value_samples(ctx, models["policy"], split, stage_dir,
                                                          f"{ctx.g.value_eval_split} samples", seed=ctx.seed + 2)
     solutions = [s for _, s in items]
+    # Step classification (accuracy, balanced accuracy) at a configured locator threshold, else at 0.5;
+    # where-accuracy at each model's own (calibrated) threshold.
+    cut = ctx.g.sorm_threshold if ctx.g.sorm_threshold >= 0 else 0.5
     out, probs = {}, {}
     for name in ("orm", "sorm"):
         probs[name] = ctx.scorer(models[name]).step_probs(items)
-        out[name] = value_eval.value_accuracy(probs[name], truths, solutions, where_threshold=thresholds[name])
+        out[name] = value_eval.value_accuracy(probs[name], truths, solutions, threshold=cut,
+                                              where_threshold=thresholds[name])
     gaps = value_eval.compare(probs["orm"], probs["sorm"], truths, solutions, questions,
                               threshold=thresholds["orm"], threshold_b=thresholds["sorm"], seed=ctx.seed)
     return out, truth_name, gaps
