@@ -36,18 +36,19 @@ from benchmarks.common import best_time, cpu_info, matmul_gflops, save  # noqa: 
 from glore_jax import hardware, models as M, objectives  # noqa: E402
 from glore_jax import sharding as shd  # noqa: E402
 from glore_jax.training import metrics as metrics_lib, state as state_lib  # noqa: E402
-from glore_jax.training.config import TrainConfig  # noqa: E402
+from glore_jax.training.config import TrainConfig, round_vocab  # noqa: E402
 
 BATCH, SEQ = 32, 176
 LR = 3e-4
 
 
 def demo_model() -> M.ModelConfig:
-    """The model configs/demo.py trains, at the vocabulary its synthetic tokenizer gives (512 rounded)."""
+    """The model configs/demo.py trains, at the vocabulary its synthetic tokenizer gives (1000 pieces, rounded
+    up as the trainer rounds them: 1024). Until 2026-12-03 this said 640, a vocabulary from an older demo."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
     import demo  # noqa: E402
     c = demo.get_config()
-    return M.preset(c.model.preset, vocab_size=640)
+    return M.preset(c.model.preset, vocab_size=round_vocab(c.data.tokenizer_vocab_size))
 
 
 def _batch(cfg, seed=0):

@@ -47,6 +47,18 @@ _PRINT_TABLE = flags.DEFINE_bool("print_table", False, "Print the stage table (m
 
 def run(config) -> dict:
     """Runs (or resumes) every stage, or those up to `glore.stop_after`; returns the report dict ({} if stopped early)."""
+    from glore_jax import compile_cache
+
+    if not config.workdir:
+        raise ConfigError("workdir must be set (e.g. --config.workdir=workdir/demo)")
+    if "glore" not in config:
+        raise ConfigError("this config has no pipeline section (`glore`); build it with recipe.config.add_pipeline")
+    cache = os.path.join(os.path.abspath(config.workdir), "xla_cache") if config.glore.compile_cache else ""
+    with compile_cache.persistent(cache) if cache else contextlib.nullcontext():
+        return _run(config)
+
+
+def _run(config) -> dict:
     import jax
 
     from glore_jax import sharding
@@ -56,10 +68,6 @@ def run(config) -> dict:
     from glore_jax.recipe.workspace import Workspace, log
     from glore_jax.training import config as train_config, inputs
 
-    if not config.workdir:
-        raise ConfigError("workdir must be set (e.g. --config.workdir=workdir/demo)")
-    if "glore" not in config:
-        raise ConfigError("this config has no pipeline section (`glore`); build it with recipe.config.add_pipeline")
     config = copy.deepcopy(config)
     config.unlock()
     # One data dir for every stage: the datasets are built and the tokenizer

@@ -76,6 +76,8 @@ def glore_knobs() -> ConfigDict:
     g.rerank_drafts = 1024          # ORM samples refined (globally and locally) for that fine-tuning
     g.rl_stage = False              # GRPO (rl.* knobs, stages.rl) on the EI policy; its result is the policy refined
     g.stop_after = ""               # run the stages up to and including this one, then stop ("" = all)
+    g.compile_cache = True          # compiled XLA programs kept in <workdir>/xla_cache: a stage reuses what an
+                                    #   earlier one (or a killed run) compiled (glore_jax.compile_cache)
     return g
 
 
@@ -117,6 +119,7 @@ class GloreConfig:
     rerank_drafts: int
     rl_stage: bool
     stop_after: str = ""
+    compile_cache: bool = True
 
     def __post_init__(self):
         if self.sorm_init not in SORM_INITS:

@@ -119,6 +119,13 @@ def markdown(report: Mapping) -> str:
         total = sum(report["timings"].values())
         lines += ["", f"Stage wall-clock (s, total {total:.0f}): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items())]
+    compiled = report.get("compile_timings") or {}
+    if compiled:
+        spent = sum(c.get("compile_seconds", 0.0) for c in compiled.values())
+        hits = sum(c.get("compile_cache_hits", 0) for c in compiled.values())
+        saved = sum(c.get("compile_seconds_saved", 0.0) for c in compiled.values())
+        lines += ["", f"Of that, tracing and compiling XLA programs: {spent:.0f} s; {hits} programs came from the "
+                  f"compile cache (glore.compile_cache), saving ~{saved:.0f} s of compiling."]
     return "\n".join(lines) + "\n"
 
 

@@ -171,9 +171,9 @@ def _report(ctx: S.Context, io: StageIO) -> dict:
         "truncation": {"per_stage": {k: v for k, v in io.truncation.items() if v},
                        "warnings": [f"{stage}: {w}" for stage, counts in io.truncation.items()
                                     for w in truncation_warnings(counts)]},
-        "timings": dict(io.timings), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                  "devices": [str(x) for x in jax.devices()],
-                                                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES")},
+        "timings": dict(io.timings), "compile_timings": dict(io.compile_timings),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "devices": [str(x) for x in jax.devices()],
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES")},
         "config": ctx.config_dict,
     }
     root = os.path.dirname(os.path.dirname(io.dir))

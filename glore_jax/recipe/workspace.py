@@ -26,6 +26,7 @@ from typing import Any
 import jax
 
 from glore_jax import distributed, files
+from glore_jax.compile_cache import CompileClock
 from glore_jax.data.store import RecordsFile, write_records
 
 DONE = "done.json"
@@ -45,6 +46,7 @@ class StageIO:
     resolve: Callable[[str], Any]
     timings: dict[str, float]   # seconds per stage so far (the report shows them)
     truncation: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # counts per stage so far
+    compile_timings: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # CompileClock per stage
 
     def __getitem__(self, name: str) -> Any:
         if name not in self.reads:
@@ -58,6 +60,7 @@ class Workspace:
         self.total = total_stages
         self.count = 0
         self.timings: dict[str, float] = {}
+        self.compile_timings: dict[str, dict[str, float]] = {}   # per stage: CompileClock's reading
         self.truncation: dict[str, dict[str, int]] = {}
         self.results: dict[str, Any] = {}
 
@@ -90,7 +93,7 @@ class Workspace:
                 log(f"stopping after stage {stop_after} (glore.stop_after)")
                 break
             io = StageIO(dir=self.stage_dir(stage.name), reads=stage.reads, resolve=resolve, timings=self.timings,
-                         truncation=self.truncation)
+                         truncation=self.truncation, compile_timings=self.compile_timings)
             self.results[stage.name] = self.run(stage.name, lambda d, stage=stage, io=io: stage.run(context, io),
                                                 counts=counts)
             missing = [w for w in stage.writes if w.endswith(".jsonl") and not os.path.exists(os.path.join(io.dir, w))]
@@ -111,23 +114,29 @@ class Workspace:
         if distributed.agree(os.path.exists(done)):
             saved = files.read_json_file(done)
             self.timings[name] = saved["seconds"]
+            self.compile_timings[name] = {k: saved[k] for k in CompileClock.KEYS if k in saved}
             self.truncation[name] = saved.get("truncation", {})
             log(f"stage {self.count}/{self.total} {name}: already done, skipped")
             return saved["result"]
         os.makedirs(d, exist_ok=True)
         log(f"stage {self.count}/{self.total} {name}: running")
-        t0 = time.perf_counter()
+        t0, clock = time.perf_counter(), CompileClock()
         if counts is not None:
             counts()  # start this stage's count from zero
         result = fn(d)
         seconds = time.perf_counter() - t0
+        compiled = clock.read()
         self.timings[name] = seconds
+        self.compile_timings[name] = compiled
         self.truncation[name] = counts() if counts is not None else {}
         for warning in truncation_warnings(self.truncation[name]):
             log(f"WARNING stage {name}: {warning}")
         distributed.write_once(done, lambda: files.write_json(
-            done, {"result": result, "seconds": seconds, "truncation": self.truncation[name]}, indent=2, default=float))
-        log(f"stage {self.count}/{self.total} {name}: done in {seconds:.0f}s")
+            done, {"result": result, "seconds": seconds, "truncation": self.truncation[name], **compiled},
+            indent=2, default=float))
+        log(f"stage {self.count}/{self.total} {name}: done in {seconds:.0f}s (tracing and compiling "
+            f"{compiled['compile_seconds']:.0f}s; {compiled['compile_cache_hits']} programs from the compile cache, "
+            f"~{compiled['compile_seconds_saved']:.0f}s saved)")
         return result
 
 
