@@ -79,6 +79,15 @@ class CompileClock:
                     "compile_seconds_saved": _totals["saved"] - self._start["saved"]}
 
 
+def workdir_cache(workdir: str, enabled: bool = True) -> str:
+    """Where a run in `workdir` keeps its compiled programs: `<workdir>/xla_cache`, or '' (nothing to set up)
+    when disabled or when this process already has a cache (JAX_COMPILATION_CACHE_DIR or jax.config),
+    which is then used as the caller set it."""
+    if not enabled or jax.config.jax_compilation_cache_dir:
+        return ""
+    return os.path.join(os.path.abspath(workdir), "xla_cache")
+
+
 @contextlib.contextmanager
 def persistent(directory: str, min_compile_seconds: float = 0.2):
     """Within the block, compiled programs are written to and read from `directory`; after it, the

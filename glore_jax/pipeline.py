@@ -53,7 +53,7 @@ def run(config) -> dict:
         raise ConfigError("workdir must be set (e.g. --config.workdir=workdir/demo)")
     if "glore" not in config:
         raise ConfigError("this config has no pipeline section (`glore`); build it with recipe.config.add_pipeline")
-    cache = os.path.join(os.path.abspath(config.workdir), "xla_cache") if config.glore.compile_cache else ""
+    cache = compile_cache.workdir_cache(config.workdir, config.glore.compile_cache)
     with compile_cache.persistent(cache) if cache else contextlib.nullcontext():
         return _run(config)
 

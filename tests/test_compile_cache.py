@@ -36,3 +36,15 @@ def test_a_program_compiled_once_is_loaded_by_a_new_function_and_settings_come_b
     entries = set((tmp_path / "cache").iterdir())
     jax.jit(lambda v: jnp.cos(v) * 3.0)(x).block_until_ready()
     assert set((tmp_path / "cache").iterdir()) == entries
+
+
+def test_a_run_keeps_its_programs_in_its_workdir_unless_the_caller_has_a_cache(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compile_cache.workdir_cache(str(tmp_path)) == str(tmp_path / "xla_cache")
+        assert compile_cache.workdir_cache(str(tmp_path), enabled=False) == ""
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "elsewhere"))
+        assert compile_cache.workdir_cache(str(tmp_path)) == ""
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -98,8 +98,9 @@ def test_smoke_pipeline_resumes_after_a_kill_and_reruns_do_no_work(tmp_path):
     # every stage read one dataset and one tokenizer, built once under <workdir>/data
     assert len(list((wd / "data" / "tokenizers").glob("*.model"))) == 1
     assert not list((wd / "stages").glob("*/data")), "a stage built its own data dir"
-    # The SORM's train step is the ORM's program: the resumed process loaded the one the killed process
-    # compiled from <workdir>/xla_cache (glore.compile_cache) instead of compiling it again.
+    # The SORM's train step is the ORM's program (the smoke config gives both the same schedule): the resumed
+    # process loaded the one the killed process compiled from the compile cache (glore.compile_cache; the
+    # tests' own cache here, see conftest) instead of compiling it again.
     assert json.loads((wd / "stages" / "sorm" / "done.json").read_text())["compile_cache_hits"] >= 1
     labels = [json.loads(line) for line in (stage / "sorm_labels.jsonl").read_text().splitlines()]
     assert labels and all(len(r["rollouts"][0]) == 2 for r in labels)  # saved with their K=2 rollouts

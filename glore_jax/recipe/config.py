@@ -77,7 +77,8 @@ def glore_knobs() -> ConfigDict:
     g.rl_stage = False              # GRPO (rl.* knobs, stages.rl) on the EI policy; its result is the policy refined
     g.stop_after = ""               # run the stages up to and including this one, then stop ("" = all)
     g.compile_cache = True          # compiled XLA programs kept in <workdir>/xla_cache: a stage reuses what an
-                                    #   earlier one (or a killed run) compiled (glore_jax.compile_cache)
+                                    #   earlier one (or a killed run) compiled (glore_jax.compile_cache); a cache
+                                    #   the caller set (JAX_COMPILATION_CACHE_DIR) is used instead
     return g
 
 
