@@ -8,7 +8,8 @@ function object, so every stage compiled them again. JAX's persistent
 cache is keyed on the lowered program, its compile options, the XLA flags
 and the jax/jaxlib versions: a program one stage compiled is loaded from
 disk by the next. The loaded executable is the one compiled before, so the
-numbers a run produces do not change (the recipe test checks it).
+numbers a run produces do not change (`tests/test_compile_cache.py` checks equal outputs; the demo's
+seed 0 gave the same 92 result values with the cache as without it, README).
 
 `CompileClock` reads JAX's own monitoring events, so a stage can say how
 much of its time went to tracing, lowering and compiling.
@@ -24,7 +25,8 @@ import jax
 import jax.monitoring
 from jax.experimental.compilation_cache import compilation_cache
 
-# Tracing, lowering to StableHLO, and XLA's compile: what a cache hit skips (the last two of them).
+# Tracing, lowering to StableHLO, and XLA's compile. A cache hit skips only the last: the cache key is
+# computed from the lowered program, so tracing and lowering run either way.
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 _SAVED_EVENT = "/jax/compilation_cache/compile_time_saved_sec"  # JAX's estimate: compile time less load time
