@@ -10,11 +10,10 @@ the same shared config.
 Sizing (see README, "What the demo run gives"): the paper refines a policy
 that is right about half the time, so the task and the training length are
 set for a greedy accuracy of 45-65% from a ~1M-parameter model (`mini`)
-in a run of under 15 minutes on 2 CPU cores with native bf16. Operands of
-2-20 and values up to 200 keep 2-3 step problems learnable in that budget;
-the earlier operands of up to 99 with a 3.7M model left the policy at 15%.
-Compute dtype: `glore_jax.hardware`'s rule (bf16 where the CPU multiplies
-bf16 natively, float32 on AVX2-only CPUs).
+in a run of under 25 minutes on 2 CPU cores. Operands of 2-30 and values
+up to 300 keep 2-3 step problems learnable in that budget; the earlier
+operands of up to 99 with a 3.7M model left the policy at 15%. float32:
+on the AVX-512 CPU it was measured on, bf16 trained no faster.
 """
 
 from glore_jax.recipe.config import add_pipeline, stage_config
@@ -25,7 +24,7 @@ def get_config(stage: str | None = None):
     c = base_config()
     c.workdir = "workdir/demo"
     c.model.preset = "mini"
-    c.model.dtype = "auto"           # bf16 on native-bf16 CPUs, else float32: glore_jax.hardware
+    c.model.dtype = "auto"           # float32 on every CPU: see glore_jax.hardware
     c.data.max_len = 176
     c.data.tokenizer_vocab_size = 1000
     c.data.synthetic.train_size = 8000
@@ -68,17 +67,15 @@ def get_config(stage: str | None = None):
     # SORM: 1,536 labelled solutions (768 before). On the 200 validation questions it was the only subsample
     # variant above the ORM on step AUROC and where-accuracy on all three seeds (results/sorm_variants_val_4ca9dfa_epyc.md);
     # on test, seeds 0-1 above on both, seed 2 on where-accuracy. It costs ~80-115 s more labelling.
-    # The 15-minute budget (issue 14; 2026-12-03): on a slow 2-core AMD EPYC this recipe with the joint refiner at
-    # 600 steps took 20 min 24 s in float32 and 17 min 49 s in bf16 (seed 0); its training stages alone would have
-    # needed ~75% of that CPU's float32 matmul peak. The refiner now trains 250 steps (~1.8 epochs of its ~4,500
-    # pairs; its loss was 0.114 at step 250 and 0.092 at 600 of the 600-step run) and "auto" is bf16 on CPUs with
-    # native bf16. Tried first and dropped: the policy at 400 steps as well (13 min 59 s, but EI ended at 34%
-    # validation greedy and the test greedy at 41.8%, under the 45-65% band; results/demo_pilot_p400_r250_*).
-    # The ORM keeps 400 steps: its loss was still falling, and a weaker ORM would favour SORM-above-ORM.
+    # Tried for issue 14's 15 minutes and not adopted (2026-12-03, results/demo_15min_attempt_epyc.md): bf16 with the
+    # refiner at 250 steps ran seeds 0-2 in 14:50, 15:37 and 15:50 on a slow 2-core EPYC, but cost GLoRe 2-5 points
+    # in float32 on the same upstream (seed 0 65.0 -> 62.8%, seed 1 64.0 -> 58.8%) and lost GLoRe > greedy on seed 2
+    # in bf16 (50.8 against 51.0%; 56.8% with 600 steps on the same upstream); the policy at 400 steps as well
+    # dropped seed 0's greedy to 41.8% (below the band).
     # GRPO (configs/rl_demo.py, or glore.rl_stage=true): see that file for why temperature 0.7.
     c.rl.group_size, c.rl.temperature, c.rl.max_new_tokens, c.rl.max_prompt_len = 8, 0.7, 96, 80
     add_pipeline(c, {"policy": (450, 3e-3), "ei": (100, 3e-4), "orm": (400, 1e-3), "sorm": (100, 1e-3),
-                     "global_refiner": (300, 1e-3, 256), "local_refiner": (300, 1e-3, 256), "refiner": (250, 1e-3, 256),
+                     "global_refiner": (300, 1e-3, 256), "local_refiner": (300, 1e-3, 256), "refiner": (600, 1e-3, 256),
                      "rl": (200, 1e-4)},
                  ei_rounds=1, ei_k=4, ei_from_base=False, orm_k=4, train_questions=2048, sorm_solutions=1536,
                  sorm_k=8, joint_refiner=True, policy_val_target=0.5, policy_eval_every=25, val_questions=200,
