@@ -1,13 +1,15 @@
 """XLA compile time: counted, and not paid twice for one program in one run.
 
 Why this exists: the recipe's stages each build their own jitted train step
-and sampler, and many of them are the same program (Expert Iteration's
-train step is the policy's, the SORM's is the ORM's, most sampling stages
-decode at the same shapes). JAX's in-memory cache is keyed on the Python
-function object, so every stage compiled them again. JAX's persistent
-cache is keyed on the lowered program, its compile options, the XLA flags
-and the jax/jaxlib versions: a program one stage compiled is loaded from
-disk by the next. The loaded executable is the one compiled before, so the
+and sampler, and JAX's in-memory cache is keyed on the Python function
+object, so a program is compiled again by every stage and by every process
+that resumes a killed run. JAX's persistent cache is keyed on the lowered
+program, its compile options, the XLA flags and the jax/jaxlib versions: a
+program compiled once is loaded from disk by the next stage or process that
+lowers the same one. On the demo that is mostly the resumed run: its stages
+rarely share a program (Expert Iteration's train step differs from the
+policy's in the learning-rate schedule's constants, and the sampling stages
+decode at different shapes; README, "How long it takes"). The loaded executable is the one compiled before, so the
 numbers a run produces do not change (`tests/test_compile_cache.py` checks equal outputs; the demo's
 seed 0 gave the same 92 result values with the cache as without it, README).
 
