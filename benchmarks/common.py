@@ -33,20 +33,25 @@ def matmul_gflops(dtype: str, repeats: int) -> float:
 
 
 def cpu_info() -> dict:
-    """The CPU model and whether it multiplies bf16 natively (AMX-BF16 or AVX512-BF16) or emulates it."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """The CPU model and whether it multiplies bf16 natively (AMX-BF16 or AVX512-BF16) or emulates it.
+
+    Family and model numbers go with the name because a cloud's "AMD EPYC" names several generations:
+    family 25 is Zen 3/4, family 26 Zen 5, and their matmul rates differ by 2x."""
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         for line in out.splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "Model name":
                 model = value.strip()
+            elif key.strip() in ("CPU family", "Model"):
+                ids["cpu_family" if key.strip() == "CPU family" else "cpu_model_id"] = value.strip()
             elif key.strip() == "Flags":
                 flags = set(value.split())
     except (OSError, subprocess.CalledProcessError):
         pass
     native = sorted(flags & {"amx_bf16", "avx512_bf16"})
-    return {"cpu": model, "cpu_count": os.cpu_count(), "native_bf16": bool(native), "bf16_flags": native,
+    return {"cpu": model, **ids, "cpu_count": os.cpu_count(), "native_bf16": bool(native), "bf16_flags": native,
             "avx2": "avx2" in flags, "machine": platform.machine(),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 

@@ -286,7 +286,7 @@ def main():
     results["prefix_sharing_speedup"] = results["rollouts"]["prefix_sharing_speedup"]
 
     print(f"{args.preset} preset ({results['params_m']:.1f}M params), prompt {prompt_len}, {new} new tokens, "
-          f"{results['device']}, {results['cpu']} ({os.cpu_count()} CPUs, native bf16: {results['native_bf16']})")
+          f"{results['device']}, {results['cpu']} (family {results.get('cpu_family')} model {results.get('cpu_model_id')}, {os.cpu_count()} CPUs, native bf16: {results['native_bf16']})")
     print(f"prefill: {results['prefill_tokens_per_s']:,.0f} tokens/s (batch 8 x 256)")
     print(f"float32 matmul peak {results['matmul_peak_gflops_float32']:.0f} GFLOP/s; 'bound': the speedup over HF "
           f"that a sampler running every weight matmul at that peak, and nothing else, would show")

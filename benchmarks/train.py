@@ -197,7 +197,7 @@ def main():
     results["fraction_of_matmul_peak"] = {d: r["fraction_of_matmul_peak"] for d, r in results["dtypes"].items()}
     results.update(packing_shares(10 if args.quick else 50))
 
-    print(f"{info['cpu']} ({info['cpu_count']} CPUs, native bf16: {info['native_bf16']} {info['bf16_flags']}); "
+    print(f"{info['cpu']} (family {info.get('cpu_family')} model {info.get('cpu_model_id')}, {info['cpu_count']} CPUs, native bf16: {info['native_bf16']} {info['bf16_flags']}); "
           f"model {results['params_m']:.2f}M params, batch {BATCH} x {SEQ}")
     print(f"{'dtype':>9} {'ours tok/s':>11} {'eager':>9} {'compile':>9} {'vs eager':>9} {'vs compile':>10} "
           f"{'of peak':>8}")
