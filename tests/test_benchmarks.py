@@ -1,4 +1,4 @@
-"""The benchmarks' own arithmetic: the FLOP count the sampler benchmark's bound rests on."""
+"""The benchmarks' own arithmetic (the FLOP count the sampler benchmark's bound rests on) and what they record of the CPU."""
 
 import jax
 import numpy as np
@@ -17,3 +17,18 @@ def test_weight_matmul_flops_counts_every_weight_matrix_but_the_embedding_once_p
                    and a.ndim >= 2)
     batch, prompt, new = 3, 5, 4
     assert weight_matmul_flops(cfg, batch, prompt, new) == 2 * matrices * batch * (prompt + new - 1)
+
+
+def test_cpu_info_tells_cpu_generations_of_one_name_apart(monkeypatch):
+    # Two clouds' "AMD EPYC" differ 2x in matmul rate (Zen 4, family 25; Zen 5, family 26): a benchmark
+    # that records the name alone cannot say which machine its figures came from.
+    import subprocess
+
+    from benchmarks import common
+
+    lscpu = ("Architecture:  x86_64\nModel name:    AMD EPYC\nCPU family:    26\nModel:         2\n"
+             "Flags:         fpu avx2 avx512f avx512_bf16\n")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=lscpu))
+    info = common.cpu_info()
+    assert (info["cpu"], info["cpu_family"], info["cpu_model_id"]) == ("AMD EPYC", "26", "2")
+    assert info["native_bf16"] and info["bf16_flags"] == ["avx512_bf16"] and info["avx2"]
