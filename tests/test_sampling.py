@@ -110,6 +110,37 @@ def test_data_parallel_decode_equals_one_device_when_devices_stop_at_different_s
         S.Sampler(TINY, mesh=shd.make_mesh((2, 2, 2)), independent_rows=True)
 
 
+def test_data_parallel_sampler_gathers_the_same_params_once_and_new_params_again(params):
+    """The decode layout of a set of params is kept between calls (`Sampler._decode_params`).
+
+    A stale copy would decode the old weights after a training step, silently: new params must
+    give the tokens a fresh sampler gives. Dropping the caller's params must drop the copy.
+    """
+    import gc
+
+    mesh = shd.make_mesh((2, 4, 1))
+    toks, lens = S.pad_prompts(PROMPTS * 2, TINY.vocab_size, rows=8, length=16)
+    kw = dict(max_new=12, strategy=S.SamplingStrategy(temperature=1.0), stop=S.StopCondition(), seed=2)
+    sampler = S.Sampler(TINY, mesh=mesh)
+    gathers = []
+    place = sampler._place
+    sampler._place = lambda p: gathers.append(1) or place(p)
+    first = M.shard_params(TINY, params, mesh)
+    a, b = sampler.sample(first, toks, lens, **kw), sampler.rollouts(first, toks, lens, k=2, **kw)
+    assert len(gathers) == 1
+    second = M.shard_params(TINY, jax.tree_util.tree_map(lambda x: x * 0.5, params), mesh)
+    c = sampler.sample(second, toks, lens, **kw)
+    assert len(gathers) == 2
+    fresh = S.Sampler(TINY, mesh=mesh)
+    assert S.unpad(a, 8) == S.unpad(fresh.sample(first, toks, lens, **kw), 8)
+    assert S.unpad(b, 16) == S.unpad(fresh.rollouts(first, toks, lens, k=2, **kw), 16)
+    assert S.unpad(c, 8) == S.unpad(fresh.sample(second, toks, lens, **kw), 8) != S.unpad(a, 8)
+    assert sampler._decode_cache is not None
+    del second, c
+    gc.collect()
+    assert sampler._decode_cache is None
+
+
 def test_top_k_and_top_p_never_leave_the_allowed_set():
     logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.06, 0.04]] * 4000))
     keys = jax.random.split(jax.random.key(0), 4000)
