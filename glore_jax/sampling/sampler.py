@@ -134,7 +134,7 @@ class Sampler:
         self.batch_multiple = int(m.shape["data"] * m.shape["fsdp"])
         self.independent_rows = self._resolve_independent_rows(independent_rows)
         trained = param_shardings(config, m, r)
-        # The params' decode layout; `_place` moves the training layout there once per call.
+        # The params' decode layout; `_place` moves the training layout there once per set of params (`_decode_params`).
         params = jax.tree_util.tree_map(lambda _: shd.replicated(m), trained) if self.independent_rows else trained
         self.param_shardings = params
         self._place = jax.jit(lambda p: p, in_shardings=(trained,), out_shardings=params)
