@@ -110,6 +110,40 @@ def test_data_parallel_decode_equals_one_device_when_devices_stop_at_different_s
         S.Sampler(TINY, mesh=shd.make_mesh((2, 2, 2)), independent_rows=True)
 
 
+def test_few_rows_per_device_decode_in_the_per_core_program_with_the_same_tokens(params, monkeypatch):
+    """Data-parallel loops of up to DECODE_PER_CORE_MAX_ROWS rows a device run `hardware.decode_compiler_options`.
+
+    Which program a call ran is read from the two jitted functions' caches; forcing the default
+    program must give the same tokens and logprobs (the options change kernels, not the math).
+    """
+    from types import SimpleNamespace
+
+    from glore_jax import hardware
+
+    cpu = SimpleNamespace(platform="cpu")
+    monkeypatch.setattr(hardware, "host_cores", lambda: 4)
+    assert hardware.decode_compiler_options([cpu] * 4) == hardware.CPU_DECODE_PER_CORE_OPTIONS
+    assert hardware.decode_compiler_options([cpu] * 2) is None  # a device's loop needs the pool's threads
+    assert hardware.decode_compiler_options([SimpleNamespace(platform="gpu")] * 8) is None
+    monkeypatch.setattr(hardware, "host_cores", lambda: 8)  # the tests' 8 devices, one per core
+    mesh = shd.make_mesh((2, 4, 1))
+    sampler, spmd = S.Sampler(TINY, mesh=mesh), S.Sampler(TINY, mesh=mesh, independent_rows=False)
+    most = 8 * hardware.DECODE_PER_CORE_MAX_ROWS
+    assert sampler.advance_program(most) is sampler._advance_few_rows is not sampler.advance
+    assert sampler.advance_program(most + 8) is sampler.advance
+    assert spmd.advance_program(8) is spmd.advance  # one SPMD loop: its devices synchronise every step
+    toks, lens = S.pad_prompts(PROMPTS * 4, TINY.vocab_size, rows=16, length=16)
+    kw = dict(max_new=12, strategy=S.SamplingStrategy(), stop=S.StopCondition())
+    sharded = M.shard_params(TINY, params, mesh)
+    per_core = sampler.sample(sharded, toks, lens, **kw)
+    assert sampler._advance_few_rows._cache_size() >= 1 and sampler.advance._cache_size() == 0
+    monkeypatch.setattr(sampler, "advance_program", lambda rows: sampler.advance)
+    default = sampler.sample(sharded, toks, lens, **kw)
+    assert sampler.advance._cache_size() >= 1
+    np.testing.assert_array_equal(np.asarray(per_core.tokens), np.asarray(default.tokens))
+    np.testing.assert_allclose(np.asarray(per_core.logprobs), np.asarray(default.logprobs), atol=1e-5)
+
+
 def test_data_parallel_sampler_gathers_the_same_params_once_and_new_params_again(params):
     """The decode layout of a set of params is kept between calls (`Sampler._decode_params`).
 
@@ -137,6 +171,19 @@ def test_data_parallel_sampler_gathers_the_same_params_once_and_new_params_again
     assert S.unpad(c, 8) == S.unpad(fresh.sample(second, toks, lens, **kw), 8) != S.unpad(a, 8)
     assert sampler._decode_cache is not None
     del second, c
+    gc.collect()
+    assert sampler._decode_cache is None
+    # The weak references of a replaced copy may outlive it (held here); when their params die
+    # afterwards, their callback must leave the newer copy alone.
+    third, fourth = (M.shard_params(TINY, jax.tree_util.tree_map(lambda x, f=f: x * f, params), mesh)
+                     for f in (0.25, 2.0))
+    sampler.sample(third, toks, lens, **kw)
+    replaced = sampler._decode_cache[1]
+    sampler.sample(fourth, toks, lens, **kw)
+    del third
+    gc.collect()
+    assert len(replaced) and sampler._decode_cache is not None and len(gathers) == 4
+    del fourth
     gc.collect()
     assert sampler._decode_cache is None
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from glore_jax import hardware
 from glore_jax import sharding as shd
 from glore_jax.models import ModelConfig, apply, param_shardings
 from glore_jax.models.decoding import LAYER_K_AXES, LAYER_V_AXES, LayerCache, decode_step, decode_weights, split_layers
@@ -138,7 +139,7 @@ class Sampler:
         params = jax.tree_util.tree_map(lambda _: shd.replicated(m), trained) if self.independent_rows else trained
         self.param_shardings = params
         self._place = jax.jit(lambda p: p, in_shardings=(trained,), out_shardings=params)
-        self._decode_cache = None  # (treedef, weak refs to the params' leaves, their decode layout)
+        self._decode_cache = None  # (treedef, weak refs to the params' leaves, their decode layout, entry id)
         row, rows2 = shd.batch_sharding(m, 1, r), shd.batch_sharding(m, 2, r)
         per_layer = lambda axes: (shd.logical_sharding(axes, m, r),) * config.num_layers
         cache = LayerCache(k=per_layer(LAYER_K_AXES), v=per_layer(LAYER_V_AXES), pos=rows2)
@@ -161,9 +162,15 @@ class Sampler:
         # every step, and donation lets XLA update it in place across calls
         # instead of holding an input and an output copy at once.
         advance = self._advance_each_device if self.independent_rows else self._advance
-        self.advance = jax.jit(advance, static_argnums=(4, 5), donate_argnums=(3,),
-                               in_shardings=(None, None, cache, state),
-                               out_shardings=state)
+        compile_advance = lambda options: jax.jit(advance, static_argnums=(4, 5), donate_argnums=(3,),  # noqa: E731
+                                                  in_shardings=(None, None, cache, state), out_shardings=state,
+                                                  compiler_options=options)
+        self.advance = compile_advance(None)
+        # Loops with few rows per device on a CPU host of one device per core run each device's kernels on
+        # its own thread (see `hardware.CPU_DECODE_PER_CORE_OPTIONS`); only data-parallel loops have no
+        # collective that would make one device's thread wait for another's anyway.
+        per_core = hardware.decode_compiler_options(list(m.devices.flat)) if self.independent_rows else None
+        self._advance_few_rows = compile_advance(per_core) if per_core else self.advance
 
     def _resolve_independent_rows(self, asked: bool | None) -> bool:
         m = self.mesh
@@ -338,18 +345,19 @@ class Sampler:
         self._decode_cache = None
         placed = self._place(params)
         out = placed, self.weights(placed)
-        me = weakref.ref(self)
+        me, entry = weakref.ref(self), object()
 
         def drop(_):
+            # Only this entry's own copy: a callback of params replaced earlier may fire later.
             sampler = me()
-            if sampler is not None:
+            if sampler is not None and sampler._decode_cache is not None and sampler._decode_cache[3] is entry:
                 sampler._decode_cache = None
 
         try:
             refs = tuple(weakref.ref(x, drop) for x in leaves)
         except TypeError:  # a leaf that takes no weak reference (a Python number): nothing kept
             return out
-        self._decode_cache = (treedef, refs, out)
+        self._decode_cache = (treedef, refs, out, entry)
         return out
 
     def _run(self, weights, prefix, logits, lengths, share, row_ids, seed, max_new, strategy, stop, limit):
@@ -361,11 +369,17 @@ class Sampler:
         state = self.start(logits, lengths, row_ids, seed, jnp.asarray(limit, jnp.int32), max_new, share,
                            widths[0] if widths else 0, strategy, stop)
         params, layers = weights
+        advance = self.advance_program(state.tokens.shape[0])
         for i, width in enumerate(widths):
             if i:
                 state = self.grow(state, width)
-            state = self.advance(params, layers, prefix, state, strategy, stop)
+            state = advance(params, layers, prefix, state, strategy, stop)
         return state
+
+    def advance_program(self, rows: int):
+        """The compiled decode loop that `rows` rows (over the whole mesh) run: `advance`, or its per-core form."""
+        few = -(-rows // self.batch_multiple) <= hardware.DECODE_PER_CORE_MAX_ROWS
+        return self._advance_few_rows if few else self.advance
 
 
 @functools.lru_cache(maxsize=16)
