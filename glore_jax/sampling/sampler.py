@@ -24,7 +24,9 @@ its own rows under `shard_map`, with no collective inside the loop. Sharding
 its weights over 'fsdp' instead (the training layout) would gather them at
 every step; one SPMD loop over all rows would synchronise the devices at
 every step to decide whether all rows stopped. Big models (or a 'tensor'
-axis) keep the rules table's layout and one SPMD loop.
+axis) keep the rules table's layout and one SPMD loop. On a CPU host split
+into one XLA device per core, a loop of few rows a device also compiles its
+kernels to run on the device's own thread (`hardware.decode_compiler_options`).
 """
 
 from __future__ import annotations
