@@ -121,7 +121,7 @@ def _train_step(exp, obj, model, mesh):
 
 
 def _sampler(model, mesh, rows: int, prompt_len: int, max_new: int) -> dict[str, Any]:
-    """The compiled prefill and decode loop (`Sampler.advance`), the decode state at its largest."""
+    """The compiled prefill and decode loop (`Sampler.advance_program`), the decode state at its largest."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -147,8 +147,8 @@ def _sampler(model, mesh, rows: int, prompt_len: int, max_new: int) -> dict[str,
     start = sampler.start.lower(*arrays, *static).compile()
     state = _with_shardings(jax.eval_shape(lambda *a: sampler._start(*a, *static), *arrays),
                             start.output_shardings)
-    return {"prefill": prefill, "decode_loop": sampler.advance.lower(decode_params, layers, prefix, state,
-                                                                     strategy, stop).compile()}
+    loop = sampler.advance_program(rows)  # the program a call of `rows` rows runs (its per-core form for few)
+    return {"prefill": prefill, "decode_loop": loop.lower(decode_params, layers, prefix, state, strategy, stop).compile()}
 
 
 def _depth_cost(compiled_at: Callable[[int], Any], layers: int) -> dict[str, float]:

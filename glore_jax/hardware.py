@@ -92,7 +92,7 @@ _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 def cpu_devices_env(environ: dict[str, str], cpus: int | None = None) -> dict[str, str] | None:
     """`environ` with XLA_FLAGS asking for GLORE_JAX_CPU_DEVICES host devices (unset: DEFAULT_CPU_DEVICES,
-    at most one per core of `cpus`, os.cpu_count() by default); None when that is one (XLA's own count) or
+    at most one per core of `cpus`, `host_cores()` by default); None when that is one (XLA's own count) or
     XLA_FLAGS names a count already (a user's, a test harness's, or this process's own after its restart)."""
     wanted = environ.get("GLORE_JAX_CPU_DEVICES", "").strip()
     flags = environ.get("XLA_FLAGS", "")
@@ -100,7 +100,7 @@ def cpu_devices_env(environ: dict[str, str], cpus: int | None = None) -> dict[st
         return None
     if wanted and not (wanted.isdigit() and int(wanted) >= 1):
         raise ValueError(f"GLORE_JAX_CPU_DEVICES must be a positive integer, got {wanted!r}")
-    count = int(wanted) if wanted else min(DEFAULT_CPU_DEVICES, cpus or os.cpu_count() or 1)
+    count = int(wanted) if wanted else min(DEFAULT_CPU_DEVICES, cpus or host_cores())
     if count == 1:
         return None
     return {**environ, "XLA_FLAGS": f"{flags} {_DEVICE_COUNT_FLAG}={count}".strip()}
