@@ -156,3 +156,35 @@ def activation_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULE
     """
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
         yield
+
+
+def share_host_replicas(tree: Any) -> Any:
+    """`tree` with every array replicated over several CPU devices rebuilt over one buffer in host memory.
+
+    Why: the CPU devices of one process share the host's memory, yet each
+    replica of a replicated array is its own copy. Data-parallel decode loops
+    (one per core, see `sampling.Sampler`) read all the weights at every step,
+    so with one copy per device they stream twice the bytes through the
+    cores' shared L3 cache, and the weights plus both devices' KV caches stop
+    fitting in it. Here every replica aliases the first device's buffer: a
+    zero-copy `device_put` of a host view, which XLA:CPU takes for 64-byte
+    aligned memory (its own buffers are). On the demo preset, two devices,
+    that decoded batch 32 1.16-1.27x and batch 64 1.06-1.09x faster, and it
+    halves the weights' memory.
+
+    The result is for reading only: an array whose buffer is donated would
+    let one device's program write into every replica. Other arrays (sharded,
+    single-device, on an accelerator, spanning processes) come back as they are.
+    """
+    def share(x):
+        if not isinstance(x, jax.Array) or not x.is_fully_replicated or not x.is_fully_addressable:
+            return x
+        shards = x.addressable_shards
+        if len(shards) < 2 or any(s.device.platform != "cpu" for s in shards):
+            return x
+        first = shards[0].data
+        host = np.asarray(first)  # on CPU, a read-only view of `first`'s buffer that keeps it alive
+        replicas = [first] + [jax.device_put(host, s.device) for s in shards[1:]]
+        return jax.make_array_from_single_device_arrays(x.shape, x.sharding, replicas)
+
+    return jax.tree_util.tree_map(share, tree)

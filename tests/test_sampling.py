@@ -188,6 +188,44 @@ def test_data_parallel_sampler_gathers_the_same_params_once_and_new_params_again
     assert sampler._decode_cache is None
 
 
+def test_data_parallel_decode_reads_one_host_copy_of_the_weights(params, monkeypatch):
+    """On CPU devices, every replica of the decode params aliases one buffer (`shd.share_host_replicas`).
+
+    The copy must hold the same values, outlive the arrays it was made from, leave sharded
+    arrays alone, and decode the tokens and logprobs that per-device copies decode.
+    """
+    import gc
+
+    mesh = shd.make_mesh((2, 4, 1))
+    sampler = S.Sampler(TINY, mesh=mesh)
+    sharded = M.shard_params(TINY, params, mesh)
+    placed, weights = sampler._decode_params(sharded)
+    leaves = jax.tree_util.tree_leaves((placed, weights))
+    assert len(leaves) > 10
+    for leaf in leaves:
+        assert len(leaf.addressable_shards) == 8
+        assert len({s.data.unsafe_buffer_pointer() for s in leaf.addressable_shards}) == 1
+    copies = jax.tree_util.tree_leaves(sampler.weights(sampler._place(sharded)))
+    for got, want in zip(jax.tree_util.tree_leaves(weights), copies, strict=True):
+        np.testing.assert_array_equal(np.asarray(got.addressable_shards[7].data), np.asarray(want))
+
+    x = jax.device_put(np.arange(24, dtype=np.float32).reshape(4, 6), shd.replicated(mesh))
+    shared = shd.share_host_replicas({"w": x, "split": sharded["lm_head"]["kernel"]})
+    assert shared["split"] is sharded["lm_head"]["kernel"]
+    del x
+    gc.collect()
+    last = shared["w"].addressable_shards[7].data
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: a * 2)(last)), 2 * np.arange(24).reshape(4, 6))
+
+    toks, lens = S.pad_prompts(PROMPTS * 2, TINY.vocab_size, rows=8, length=16)
+    kw = dict(max_new=12, strategy=S.SamplingStrategy(), stop=S.StopCondition())
+    one_copy = sampler.sample(sharded, toks, lens, **kw)
+    monkeypatch.setattr(shd, "share_host_replicas", lambda tree: tree)
+    copies = S.Sampler(TINY, mesh=mesh).sample(sharded, toks, lens, **kw)
+    np.testing.assert_array_equal(np.asarray(one_copy.tokens), np.asarray(copies.tokens))
+    np.testing.assert_array_equal(np.asarray(one_copy.logprobs), np.asarray(copies.logprobs))
+
+
 def test_top_k_and_top_p_never_leave_the_allowed_set():
     logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.06, 0.04]] * 4000))
     keys = jax.random.split(jax.random.key(0), 4000)

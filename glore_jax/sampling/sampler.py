@@ -345,8 +345,9 @@ class Sampler:
         if kept is not None and kept[0] == treedef and all(r() is x for r, x in zip(kept[1], leaves, strict=True)):
             return kept[2]
         self._decode_cache = None
-        placed = self._place(params)
-        out = placed, self.weights(placed)
+        # One host copy of each replicated array for all the CPU devices (`shd.share_host_replicas`).
+        placed = shd.share_host_replicas(self._place(params))
+        out = placed, shd.share_host_replicas(self.weights(placed))
         me, entry = weakref.ref(self), object()
 
         def drop(_):
