@@ -121,16 +121,20 @@ def _train_step(exp, obj, model, mesh):
 
 
 def _sampler(model, mesh, rows: int, prompt_len: int, max_new: int) -> dict[str, Any]:
-    """The compiled prefill and decode loop (`Sampler.advance_program`), the decode state at its largest."""
+    """The compiled prefill and decode loop (`Sampler.advance_program`) of one group of `rows` (`group_size`).
+
+    The decode state is at its largest: one phase, the whole suffix.
+    """
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from glore_jax import sharding as shd
     from glore_jax.models import abstract_params
-    from glore_jax.sampling.sampler import Sampler, StopCondition
+    from glore_jax.sampling import Sampler, StopCondition
     from glore_jax.sampling.strategy import SamplingStrategy
     sampler = Sampler(model, mesh=mesh, decode_phases=1)
+    rows = sampler.group_size(rows)  # the rows one loop decodes at a time (groups on a per-core CPU host)
     # The decode layout: a small model's weights are replicated on every device (see `Sampler`).
     params = _with_shardings(nn.unbox(abstract_params(model)), sampler.param_shardings)
     sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731

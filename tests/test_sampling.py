@@ -144,6 +144,56 @@ def test_few_rows_per_device_decode_in_the_per_core_program_with_the_same_tokens
     np.testing.assert_allclose(np.asarray(per_core.logprobs), np.asarray(default.logprobs), atol=1e-5)
 
 
+def test_per_core_loops_of_more_rows_decode_in_groups_with_the_same_results(params, monkeypatch):
+    """Calls of DECODE_PER_CORE_MAX_ROWS+1 .. DECODE_GROUP_MAX_ROWS rows a device decode in groups.
+
+    Sampled (temperature 1) and greedy rows, plain calls and rollouts with and without a shared
+    prefix must give the state one loop over all rows gives (the row streams follow row ids),
+    with every row, its cache included, in its place.
+    """
+    from glore_jax import hardware
+
+    monkeypatch.setattr(hardware, "host_cores", lambda: 8)
+    monkeypatch.setattr(hardware, "DECODE_PER_CORE_MAX_ROWS", 1)
+    monkeypatch.setattr(hardware, "DECODE_GROUP_MAX_ROWS", 4)
+    mesh = shd.make_mesh((2, 4, 1))
+    sampler = S.Sampler(TINY, mesh=mesh)
+    assert [sampler.group_size(n) for n in (8, 16, 32, 40)] == [8, 8, 8, 40]
+    assert [sampler.group_size(n, share=2) for n in (8, 16)] == [8, 16]  # 8 prefixes x 2 > 8 rows, < 8 a group
+    assert S.Sampler(TINY, mesh=mesh, independent_rows=False).group_size(32) == 32
+    toks, lens = S.pad_prompts(PROMPTS * 4, TINY.vocab_size, rows=16, length=16)
+    sharded = M.shard_params(TINY, params, mesh)
+    prefills = []
+    prefill = sampler.prefill
+    sampler.prefill = lambda *a: prefills.append(1) or prefill(*a)
+
+    def calls():
+        kw = dict(max_new=12, stop=S.StopCondition(eos_id=7), seed=3)
+        sampled = S.SamplingStrategy(temperature=1.0)
+        return (sampler.sample(sharded, toks, lens, strategy=sampled, **kw),
+                sampler.sample(sharded, toks, lens, strategy=S.SamplingStrategy(), **kw),
+                sampler.rollouts(sharded, toks[:8], lens[:8], k=2, strategy=sampled, **kw),
+                sampler.rollouts(sharded, toks[:8], lens[:8], k=2, strategy=sampled, share_prefix=False, **kw))
+
+    grouped = calls()
+    assert len(prefills) == 2 + 2 + 1 + 2  # rollouts of 8 shared prefixes: one group of 8 prompts
+    monkeypatch.setattr(sampler, "group_size", lambda prompts, share=1: prompts)
+    whole = calls()
+    assert len(prefills) == 7 + 4
+    for a, b in zip(grouped, whole, strict=True):
+        for name in ("tokens", "num_generated", "done", "step"):
+            np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), err_msg=name)
+        # Groups run the per-core program's kernels, one loop the default's: float sums may differ in order.
+        np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+        # A stopped row's position and later cache slots only count the steps its loop ran on.
+        live = ~np.asarray(a.done)
+        np.testing.assert_array_equal(np.asarray(a.position)[live], np.asarray(b.position)[live])
+        for row, fed in enumerate(np.asarray(a.num_generated) - 1):
+            np.testing.assert_allclose(np.asarray(a.suffix.k[0][row, ..., :fed]),
+                                       np.asarray(b.suffix.k[0][row, ..., :fed]), atol=1e-5)
+    assert S.unpad(grouped[2], 16) == S.unpad(grouped[3], 16)
+
+
 def test_data_parallel_sampler_gathers_the_same_params_once_and_new_params_again(params):
     """The decode layout of a set of params is kept between calls (`Sampler._decode_params`).
 

@@ -11,7 +11,8 @@ from jax.sharding import Mesh
 
 from glore_jax.models import ModelConfig
 from glore_jax.sampling.generator import Completion, Generator, bucket, completions, pad_prompts
-from glore_jax.sampling.sampler import Sampler, SamplingState, StopCondition, phase_widths, sampler_for
+from glore_jax.sampling.sampler import Sampler, sampler_for
+from glore_jax.sampling.state import SamplingState, StopCondition, phase_widths
 from glore_jax.sampling.strategy import SamplingStrategy, filter_logits, first_argmax, select
 
 __all__ = ["Completion", "Generator", "generate", "pad_prompts", "bucket", "completions", "stop_ids_for_strings",

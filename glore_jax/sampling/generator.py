@@ -25,7 +25,8 @@ from jax.sharding import Mesh
 from glore_jax.distributed import host_array
 from glore_jax.models import ModelConfig
 from glore_jax.prompts import fit_prompt
-from glore_jax.sampling.sampler import SamplingState, StopCondition, sampler_for
+from glore_jax.sampling.sampler import sampler_for
+from glore_jax.sampling.state import SamplingState, StopCondition
 from glore_jax.sampling.strategy import SamplingStrategy
 
 

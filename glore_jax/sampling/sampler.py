@@ -32,13 +32,11 @@ kernels to run on the device's own thread (`hardware.decode_compiler_options`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,49 +46,8 @@ from glore_jax import hardware
 from glore_jax import sharding as shd
 from glore_jax.models import ModelConfig, apply, param_shardings
 from glore_jax.models.decoding import LAYER_K_AXES, LAYER_V_AXES, LayerCache, decode_step, decode_weights, split_layers
+from glore_jax.sampling.state import SamplingState, StopCondition, phase_widths
 from glore_jax.sampling.strategy import SamplingStrategy, select
-
-
-@flax.struct.dataclass
-class SamplingState:
-    """Everything the decode loop carries. B rows, N = max new tokens."""
-
-    suffix: LayerCache        # keys/values of the new tokens fed so far (slot i = new token i)
-    tokens: jax.Array         # [B, N] int32 new tokens; pad_id after a row stops
-    logprobs: jax.Array       # [B, N] float32 log p(token) under the raw model distribution
-    num_generated: jax.Array  # [B] int32 tokens produced, the stop token included
-    done: jax.Array           # [B] bool
-    position: jax.Array       # [B] int32 position of the newest token (not yet in the cache)
-    keys: jax.Array           # [B] per-row PRNG keys
-    step: jax.Array           # [] int32 new tokens produced so far by the longest row
-    limit: jax.Array          # [] int32 stop after this many new tokens (<= N)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class StopCondition:
-    """A row stops after emitting `eos_id` or any token in `stop_ids` (e.g. newline pieces)."""
-
-    eos_id: int | None = None
-    stop_ids: tuple[int, ...] = ()
-
-    def is_stop(self, tokens: jax.Array) -> jax.Array:
-        ids = tuple(self.stop_ids) + (() if self.eos_id is None else (self.eos_id,))
-        if not ids:
-            return jnp.zeros(tokens.shape, bool)
-        return jnp.isin(tokens, jnp.asarray(ids, jnp.int32))
-
-
-def phase_widths(max_new: int, phases: int) -> list[int]:
-    """Suffix sizes of the decode phases: about `phases` equal steps (multiples of 8) up to max_new - 1.
-
-    The last new token is never fed back, so N new tokens need N - 1 suffix slots.
-    """
-    n = max_new - 1
-    if n <= 0:
-        return []
-    chunk = -(-n // max(1, phases))
-    chunk = -(-chunk // 8) * 8
-    return sorted({min(n, chunk * i) for i in range(1, -(-n // chunk) + 1)})
 
 
 # Models up to this many float32 param bytes decode data-parallel (weights replicated on every device).
@@ -173,6 +130,10 @@ class Sampler:
         # collective that would make one device's thread wait for another's anyway.
         per_core = hardware.decode_compiler_options(list(m.devices.flat)) if self.independent_rows else None
         self._advance_few_rows = compile_advance(per_core) if per_core else self.advance
+        # Groups' states (`group_size`) as one: rows in order; `step` of the longest row, as one loop's.
+        self._join = jax.jit(lambda states: jax.tree_util.tree_map(
+            lambda *xs: xs[0] if xs[0].ndim == 0 else jnp.concatenate(xs), *states).replace(
+                step=functools.reduce(jnp.maximum, [s.step for s in states])), out_shardings=state)
 
     def _resolve_independent_rows(self, asked: bool | None) -> bool:
         m = self.mesh
@@ -295,11 +256,9 @@ class Sampler:
         B must be a multiple of the mesh's batch-parallel size (pad with dummy rows).
         `row_ids` [B] name each row's random stream (default 0..B-1).
         """
-        prompts, lengths = self.put_rows(prompts), self.put_rows(lengths)
-        row_ids = self.put_rows(np.arange(prompts.shape[0]) if row_ids is None else row_ids)
-        params, weights = self._decode_params(params)
-        prefix, logits = self.prefill(params, prompts, lengths)
-        return self._run(weights, prefix, logits, lengths, 1, row_ids, seed, max_new, strategy, stop, limit)
+        prompts, lengths = np.asarray(prompts), np.asarray(lengths)
+        row_ids = np.arange(prompts.shape[0]) if row_ids is None else np.asarray(row_ids)
+        return self._decode_in_groups(params, prompts, lengths, row_ids, 1, seed, max_new, strategy, stop, limit)
 
     def rollouts(self, params, prefixes, lengths, *, k: int, max_new: int, strategy: SamplingStrategy,
                  stop: StopCondition, seed: int = 0, share_prefix: bool = True,
@@ -313,18 +272,45 @@ class Sampler:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         prefixes, lengths = np.asarray(prefixes), np.asarray(lengths)
-        n = prefixes.shape[0]
-        row_ids = self.put_rows(np.arange(n * k))
+        row_ids = np.arange(prefixes.shape[0] * k)
         if not share_prefix:
             prefixes, lengths, k = np.repeat(prefixes, k, 0), np.repeat(lengths, k), 1
         if self.independent_rows and prefixes.shape[0] % self.batch_multiple:
             # Each device's rows must read its own prefixes: row n*K+j sits on the device of prefix n.
             raise ValueError(f"rollouts on {self.batch_multiple} devices need a multiple of "
                              f"{self.batch_multiple} prefixes, got {prefixes.shape[0]} (pad with dummy prefixes)")
-        prefixes, lengths = self.put_rows(prefixes), self.put_rows(lengths)
+        return self._decode_in_groups(params, prefixes, lengths, row_ids, k, seed, max_new, strategy, stop, limit)
+
+    def group_size(self, prompts: int, share: int = 1) -> int:
+        """How many of `prompts` (each starting `share` rows) one decode loop takes at a time.
+
+        All of them, except where `hardware.DECODE_GROUP_MAX_ROWS` says that a per-core CPU loop
+        of their rows decodes faster as groups of DECODE_PER_CORE_MAX_ROWS rows a device.
+        """
+        m, rows = self.batch_multiple, prompts * share
+        few = m * hardware.DECODE_PER_CORE_MAX_ROWS
+        per_group = few // share // m * m  # whole prompts, a multiple of the devices on each
+        if (self._advance_few_rows is self.advance or not few < rows <= m * hardware.DECODE_GROUP_MAX_ROWS
+                or per_group < m):
+            return prompts
+        return per_group
+
+    def _decode_in_groups(self, params, prompts, lengths, row_ids, share, seed, max_new, strategy, stop, limit):
         params, weights = self._decode_params(params)
-        prefix, logits = self.prefill(params, prefixes, lengths)
-        return self._run(weights, prefix, logits, lengths, k, row_ids, seed, max_new, strategy, stop, limit)
+        n, size = prompts.shape[0], self.group_size(prompts.shape[0], share)
+        states = []
+        for i in range(0, n, size):
+            part = self.put_rows(prompts[i:i + size]), self.put_rows(lengths[i:i + size])
+            prefix, logits = self.prefill(params, *part)
+            states.append(self._run(weights, prefix, logits, part[1], share,
+                                    self.put_rows(row_ids[i * share:(i + size) * share]), seed, max_new, strategy,
+                                    stop, limit))
+            if size < n:
+                # One group at a time, by its data: XLA:CPU starts programs whose inputs are ready in
+                # any order on each device, and two decode loops in flight, each ending in a
+                # collective (`pmax`), could then wait on each other forever.
+                jax.block_until_ready(states[-1].step)
+        return states[0] if len(states) == 1 else self._join(states)
 
     def _decode_params(self, params):
         """`params` in their decode layout, and the decode loop's weights made from them.
