@@ -168,9 +168,9 @@ def share_host_replicas(tree: Any) -> Any:
     cores' shared L3 cache, and the weights plus both devices' KV caches stop
     fitting in it. Here every replica aliases the first device's buffer: a
     zero-copy `device_put` of a host view, which XLA:CPU takes for 64-byte
-    aligned memory (its own buffers are). On the demo preset, two devices,
-    that decoded batch 32 1.16-1.27x and batch 64 1.06-1.09x faster, and it
-    halves the weights' memory.
+    aligned memory (its own buffers are). On the demo preset, two devices
+    (a 2-core Zen 5 with 32 MB of L3), that decoded batch 8 1.41x, batch 32
+    1.10-1.17x and batch 64 1.09-1.15x faster, and it halves the weights' memory.
 
     The result is for reading only: an array whose buffer is donated would
     let one device's program write into every replica. Other arrays (sharded,
