@@ -92,7 +92,9 @@ def test_data_parallel_decode_equals_one_device_when_devices_stop_at_different_s
     assert S.unpad(st, 8) == S.unpad(ref, 8)
     np.testing.assert_array_equal(np.asarray(st.num_generated), np.asarray(ref.num_generated))
     np.testing.assert_allclose(np.asarray(st.logprobs), np.asarray(ref.logprobs), atol=1e-5)
-    assert int(st.step) == int(ref.step) == 24
+    # One step counter per device's loop: its longest row's count, 24 on the devices that ran to the limit.
+    assert st.step.shape == (8,) and ref.step.shape == (1,) and int(ref.step[0]) == 24
+    np.testing.assert_array_equal(np.asarray(st.step), np.asarray(st.num_generated))
     roll = dict(k=2, **kw)
     assert S.unpad(each.rollouts(sharded, toks, lens, **roll), 16) == \
         S.unpad(one.rollouts(params, toks, lens, **roll), 16)
@@ -192,6 +194,49 @@ def test_per_core_loops_of_more_rows_decode_in_groups_with_the_same_results(para
             np.testing.assert_allclose(np.asarray(a.suffix.k[0][row, ..., :fed]),
                                        np.asarray(b.suffix.k[0][row, ..., :fed]), atol=1e-5)
     assert S.unpad(grouped[2], 16) == S.unpad(grouped[3], 16)
+
+
+def test_data_parallel_sampling_programs_have_no_collective(params, monkeypatch):
+    """No program that a data-parallel call runs on its rows communicates between devices.
+
+    XLA:CPU starts the programs whose inputs are ready in any order on each device: two calls in
+    flight whose programs each held a collective could wait on each other forever (the `pmax` of
+    a replicated step counter once did). Read from the compiled programs of a grouped call and of
+    a call in one loop, which between them run every program (`_place` gathers the training
+    layout by design, and `_decode_params` reads its result before any decode starts).
+    """
+    import re
+
+    from glore_jax import hardware
+
+    monkeypatch.setattr(hardware, "host_cores", lambda: 8)
+    monkeypatch.setattr(hardware, "DECODE_PER_CORE_MAX_ROWS", 1)
+    monkeypatch.setattr(hardware, "DECODE_GROUP_MAX_ROWS", 4)
+    mesh = shd.make_mesh((2, 4, 1))
+    sampler = S.Sampler(TINY, mesh=mesh)
+    ran = {}
+
+    def record(name):
+        fn = getattr(sampler, name)
+
+        def call(*args):  # shapes and shardings only: the loop donates its state
+            ran[name] = (fn, jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array)
+                else x, args))
+            return fn(*args)
+        monkeypatch.setattr(sampler, name, call)
+
+    for name in ("prefill", "weights", "start", "grow", "advance", "_advance_few_rows", "_join"):
+        record(name)
+    sharded = M.shard_params(TINY, params, mesh)
+    kw = dict(max_new=12, strategy=S.SamplingStrategy(temperature=1.0), stop=S.StopCondition(eos_id=7))
+    for rows in (16, 40):  # 2 rows a device: groups of 1 in the per-core loop; 5: one default loop
+        toks, lens = S.pad_prompts((PROMPTS * 10)[:rows], TINY.vocab_size, rows=rows, length=16)
+        sampler.sample(sharded, toks, lens, **kw)
+    assert set(ran) == {"prefill", "weights", "start", "grow", "advance", "_advance_few_rows", "_join"}
+    collective = re.compile(r"all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter|collective-broadcast")
+    for name, (fn, args) in ran.items():
+        assert not collective.findall(fn.lower(*args).compile().as_text()), name
 
 
 def test_data_parallel_sampler_gathers_the_same_params_once_and_new_params_again(params):

@@ -20,7 +20,7 @@ mask treats as empty.
 
 On a mesh of several devices, a small model decodes data-parallel: each
 device holds the whole (replicated) weights and runs its own while_loop over
-its own rows under `shard_map`, with no collective inside the loop. Sharding
+its own rows under `shard_map`, with no collective at all. Sharding
 its weights over 'fsdp' instead (the training layout) would gather them at
 every step; one SPMD loop over all rows would synchronise the devices at
 every step to decide whether all rows stopped. Big models (or a 'tensor'
@@ -103,8 +103,10 @@ class Sampler:
         per_layer = lambda axes: (shd.logical_sharding(axes, m, r),) * config.num_layers
         cache = LayerCache(k=per_layer(LAYER_K_AXES), v=per_layer(LAYER_V_AXES), pos=rows2)
         scalar = shd.replicated(m)
+        # One step counter per decode loop: per device (each its own) for data-parallel decode.
+        self.loops = self.batch_multiple if self.independent_rows else 1
         state = SamplingState(suffix=cache, tokens=rows2, logprobs=rows2, num_generated=row, done=row,
-                              position=row, keys=row, step=scalar, limit=scalar)
+                              position=row, keys=row, step=row if self.independent_rows else scalar, limit=scalar)
         self._row, self._rows2 = row, rows2
         self._cache_shardings, self._state_shardings = cache, state
 
@@ -125,15 +127,12 @@ class Sampler:
                                                   in_shardings=(None, None, cache, state), out_shardings=state,
                                                   compiler_options=options)
         self.advance = compile_advance(None)
-        # Loops with few rows per device on a CPU host of one device per core run each device's kernels on
-        # its own thread (see `hardware.CPU_DECODE_PER_CORE_OPTIONS`); only data-parallel loops have no
-        # collective that would make one device's thread wait for another's anyway.
+        # Loops of few rows a device on a CPU host of one device per core run each device's kernels on its own
+        # thread (`hardware.CPU_DECODE_PER_CORE_OPTIONS`): data-parallel loops have no collective to wait on.
         per_core = hardware.decode_compiler_options(list(m.devices.flat)) if self.independent_rows else None
         self._advance_few_rows = compile_advance(per_core) if per_core else self.advance
-        # Groups' states (`group_size`) as one: rows in order; `step` of the longest row, as one loop's.
-        self._join = jax.jit(lambda states: jax.tree_util.tree_map(
-            lambda *xs: xs[0] if xs[0].ndim == 0 else jnp.concatenate(xs), *states).replace(
-                step=functools.reduce(jnp.maximum, [s.step for s in states])), out_shardings=state)
+        # Groups' states (`group_size`) as one, each device joining its own rows (see `_group_rows`).
+        self._join = jax.jit(self._join_each_device, out_shardings=state)
 
     def _resolve_independent_rows(self, asked: bool | None) -> bool:
         m = self.mesh
@@ -170,7 +169,7 @@ class Sampler:
         logprobs = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp)
         return SamplingState(suffix=LayerCache.empty(self.config, b, width), tokens=tokens, logprobs=logprobs,
                              num_generated=jnp.ones((b,), jnp.int32), done=stop.is_stop(tok) | (limit <= 1),
-                             position=lengths.astype(jnp.int32), keys=keys, step=jnp.ones((), jnp.int32),
+                             position=lengths.astype(jnp.int32), keys=keys, step=jnp.ones((self.loops,), jnp.int32),
                              limit=jnp.asarray(limit, jnp.int32))
 
     def _advance(self, params, layers, prefix: LayerCache, state: SamplingState, strategy: SamplingStrategy,
@@ -179,26 +178,28 @@ class Sampler:
         width = state.suffix.length
 
         def cond(s: SamplingState):
-            return (s.step < s.limit) & (s.step <= width) & ~jnp.all(s.done)
+            step = s.step[0]  # this loop's counter (of one, or of this device's under `shard_map`)
+            return (step < s.limit) & (step <= width) & ~jnp.all(s.done)
 
         def body(s: SamplingState) -> SamplingState:
             # Step s feeds new token s-1 (whose keys go to suffix slot s-1) and chooses token s.
-            last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=True)
+            step = s.step[0]
+            last = jax.lax.dynamic_index_in_dim(s.tokens, step - 1, axis=1, keepdims=True)
             pos = s.position[:, None]
             with self._rules_inside_loop():
                 per_layer = layers if layers is not None else split_layers(params)
-                logits, suffix = decode_step(self.config, params, per_layer, last, pos, s.suffix, s.step - 1,
+                logits, suffix = decode_step(self.config, params, per_layer, last, pos, s.suffix, step - 1,
                                              prefix=prefix)
-            step_keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(s.keys, step)
             tok, lp = select(self._limit(logits[:, 0]), step_keys, strategy)
             tok = jnp.where(s.done, self.pad_id, tok)
             lp = jnp.where(s.done, 0.0, lp)
             return s.replace(
                 suffix=suffix,
-                tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tok, s.step, axis=1),
-                logprobs=jax.lax.dynamic_update_index_in_dim(s.logprobs, lp, s.step, axis=1),
+                tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tok, step, axis=1),
+                logprobs=jax.lax.dynamic_update_index_in_dim(s.logprobs, lp, step, axis=1),
                 num_generated=s.num_generated + (~s.done).astype(jnp.int32),
-                done=s.done | stop.is_stop(tok) | (s.step + 1 >= s.limit),
+                done=s.done | stop.is_stop(tok) | (step + 1 >= s.limit),
                 position=s.position + 1,
                 step=s.step + 1,
             )
@@ -207,28 +208,42 @@ class Sampler:
 
     def _advance_each_device(self, params, layers, prefix: LayerCache, state: SamplingState,
                              strategy: SamplingStrategy, stop: StopCondition) -> SamplingState:
-        """`_advance`, each device on its own rows with its own loop: no collective inside the loop.
+        """`_advance`, each device on its own rows with its own loop and step counter: no collective at all.
 
-        A device whose rows all stopped exits early. Afterwards `step` becomes the
-        devices' maximum (one collective per call), the longest row's count as on
-        one device: without it the "replicated" step would hold a different value
-        on each device. A device still decoding stops only at the phase's width or
-        the limit, which is that maximum, so the next phase resumes it correctly.
+        A device whose rows all stopped exits early and keeps its own `step`; the
+        next phase resumes each device from its own. No collective, not even one
+        after the loop: XLA:CPU starts the programs whose inputs are ready in any
+        order on each device, so two calls in flight that each ended in one (the
+        `pmax` of a replicated step, before 2026-12) could wait on each other forever.
         """
-        axes = tuple(self.mesh.axis_names)
-        spec = lambda s: s.spec  # noqa: E731
-        prefix_specs = jax.tree_util.tree_map(spec, self._cache_shardings)
-        state_specs = jax.tree_util.tree_map(spec, self._state_shardings)
-
-        def local(params, layers, prefix, state):
-            out = self._advance(params, layers, prefix, state, strategy, stop)
-            return out.replace(step=jax.lax.pmax(out.step, axes))
-
-        # check_vma=False: the loop's carry mixes per-device rows with the step counter, which the
-        # pmax above makes equal on every device, so the replicated out_spec of `step` holds.
+        prefix_specs, state_specs = self._specs(self._cache_shardings), self._specs(self._state_shardings)
+        local = lambda params, layers, prefix, state: self._advance(  # noqa: E731
+            params, layers, prefix, state, strategy, stop)
+        # check_vma=False: the while_loop's type check counts the size-1 'tensor' axis as varying in the
+        # body's output (from the replicated weights) but not in its input carry, and refuses the loop.
         return jax.shard_map(local, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(), prefix_specs,
                                                               state_specs), out_specs=state_specs,
                              check_vma=False)(params, layers, prefix, state)
+
+    def _join_each_device(self, states: Sequence[SamplingState]) -> SamplingState:
+        """Groups' states as one: each device concatenates its own rows of the groups, in order.
+
+        `_group_rows` gives each group a slice of every device's rows, so the result
+        is the rows in their order with no data moved between devices (and no
+        collective, as in `_advance_each_device`); `step` is each device's longest loop.
+        """
+        specs = self._specs(self._state_shardings)
+
+        def local(*states):
+            return jax.tree_util.tree_map(lambda *xs: xs[0] if xs[0].ndim == 0 else jnp.concatenate(xs),
+                                          *states).replace(step=functools.reduce(jnp.maximum,
+                                                                                 [s.step for s in states]))
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(specs,) * len(states), out_specs=specs,
+                             check_vma=False)(*states)
+
+    @staticmethod
+    def _specs(shardings):
+        return jax.tree_util.tree_map(lambda s: s.spec, shardings)
 
     def _rules_inside_loop(self):
         # Inside shard_map each device sees its own rows: no mesh-level sharding constraint applies.
@@ -291,25 +306,33 @@ class Sampler:
         few = m * hardware.DECODE_PER_CORE_MAX_ROWS
         per_group = few // share // m * m  # whole prompts, a multiple of the devices on each
         if (self._advance_few_rows is self.advance or not few < rows <= m * hardware.DECODE_GROUP_MAX_ROWS
-                or per_group < m):
+                or per_group < m or prompts % m):
             return prompts
         return per_group
 
+    def _group_rows(self, prompts: int, size: int) -> list[np.ndarray]:
+        """The prompts of each group of `size`: the same slice of every device's block of prompts.
+
+        Device d holds prompts d*n/m .. (d+1)*n/m - 1 of a call; group g takes each
+        device's g-th slice of them, so every device joins its own rows (`_join_each_device`).
+        """
+        m = self.batch_multiple
+        if size >= prompts:
+            return [np.arange(prompts)]
+        per_device, step = prompts // m, size // m
+        return [np.concatenate([d * per_device + np.arange(g, min(g + step, per_device)) for d in range(m)])
+                for g in range(0, per_device, step)]
+
     def _decode_in_groups(self, params, prompts, lengths, row_ids, share, seed, max_new, strategy, stop, limit):
         params, weights = self._decode_params(params)
-        n, size = prompts.shape[0], self.group_size(prompts.shape[0], share)
+        groups = self._group_rows(prompts.shape[0], self.group_size(prompts.shape[0], share))
         states = []
-        for i in range(0, n, size):
-            part = self.put_rows(prompts[i:i + size]), self.put_rows(lengths[i:i + size])
+        for chosen in groups:
+            rows = (chosen[:, None] * share + np.arange(share)).reshape(-1)
+            part = self.put_rows(prompts[chosen]), self.put_rows(lengths[chosen])
             prefix, logits = self.prefill(params, *part)
-            states.append(self._run(weights, prefix, logits, part[1], share,
-                                    self.put_rows(row_ids[i * share:(i + size) * share]), seed, max_new, strategy,
-                                    stop, limit))
-            if size < n:
-                # One group at a time, by its data: XLA:CPU starts programs whose inputs are ready in
-                # any order on each device, and two decode loops in flight, each ending in a
-                # collective (`pmax`), could then wait on each other forever.
-                jax.block_until_ready(states[-1].step)
+            states.append(self._run(weights, prefix, logits, part[1], share, self.put_rows(row_ids[rows]), seed,
+                                    max_new, strategy, stop, limit))
         return states[0] if len(states) == 1 else self._join(states)
 
     def _decode_params(self, params):

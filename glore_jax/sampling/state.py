@@ -22,7 +22,8 @@ class SamplingState:
     done: jax.Array           # [B] bool
     position: jax.Array       # [B] int32 position of the newest token (not yet in the cache)
     keys: jax.Array           # [B] per-row PRNG keys
-    step: jax.Array           # [] int32 new tokens produced so far by the longest row
+    step: jax.Array           # [L] int32 new tokens produced so far by the longest row of each decode loop
+                              # (L = 1, or one loop per device in data-parallel decode: `Sampler.loops`)
     limit: jax.Array          # [] int32 stop after this many new tokens (<= N)
 
 
