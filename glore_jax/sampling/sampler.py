@@ -56,6 +56,10 @@ from glore_jax.sampling.strategy import SamplingStrategy, select
 REPLICATE_PARAMS_MAX_BYTES = 1 << 30
 
 
+def _specs(shardings):
+    return jax.tree_util.tree_map(lambda s: s.spec, shardings)
+
+
 def _row_keys(seed: jax.Array, row_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids)
 
@@ -136,10 +140,8 @@ class Sampler:
 
     def _resolve_independent_rows(self, asked: bool | None) -> bool:
         m = self.mesh
-        if m.devices.size == 1:
-            return False  # one device: the two layouts are the same program
-        if asked is False:
-            return False
+        if m.devices.size == 1 or asked is False:
+            return False  # (on one device the two layouts are the same program)
         if m.shape["tensor"] > 1:
             if asked:
                 raise ValueError(f"independent_rows needs a mesh with tensor=1, got {dict(m.shape)}")
@@ -216,9 +218,8 @@ class Sampler:
         order on each device, so two calls in flight that each ended in one (the
         `pmax` of a replicated step, before 2026-12) could wait on each other forever.
         """
-        prefix_specs, state_specs = self._specs(self._cache_shardings), self._specs(self._state_shardings)
-        local = lambda params, layers, prefix, state: self._advance(  # noqa: E731
-            params, layers, prefix, state, strategy, stop)
+        prefix_specs, state_specs = _specs(self._cache_shardings), _specs(self._state_shardings)
+        local = lambda *arrays: self._advance(*arrays, strategy, stop)  # noqa: E731
         # check_vma=False: the while_loop's type check counts the size-1 'tensor' axis as varying in the
         # body's output (from the replicated weights) but not in its input carry, and refuses the loop.
         return jax.shard_map(local, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(), prefix_specs,
@@ -232,18 +233,13 @@ class Sampler:
         is the rows in their order with no data moved between devices (and no
         collective, as in `_advance_each_device`); `step` is each device's longest loop.
         """
-        specs = self._specs(self._state_shardings)
+        specs = _specs(self._state_shardings)
 
         def local(*states):
-            return jax.tree_util.tree_map(lambda *xs: xs[0] if xs[0].ndim == 0 else jnp.concatenate(xs),
-                                          *states).replace(step=functools.reduce(jnp.maximum,
-                                                                                 [s.step for s in states]))
+            joined = jax.tree_util.tree_map(lambda *xs: xs[0] if xs[0].ndim == 0 else jnp.concatenate(xs), *states)
+            return joined.replace(step=functools.reduce(jnp.maximum, [s.step for s in states]))
         return jax.shard_map(local, mesh=self.mesh, in_specs=(specs,) * len(states), out_specs=specs,
                              check_vma=False)(*states)
-
-    @staticmethod
-    def _specs(shardings):
-        return jax.tree_util.tree_map(lambda s: s.spec, shardings)
 
     def _rules_inside_loop(self):
         # Inside shard_map each device sees its own rows: no mesh-level sharding constraint applies.
