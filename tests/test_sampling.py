@@ -9,6 +9,7 @@ from glore_jax import convert
 from glore_jax import models as M
 from glore_jax import sampling as S
 from glore_jax import sharding as shd
+from glore_jax.models import decoding
 from glore_jax.models.decoding import LAYER_K_AXES, LAYER_V_AXES
 from tests.hf_reference import make_tiny_hf_llama
 
@@ -367,6 +368,29 @@ def test_eos_stops_each_row_independently(params):
         else:
             assert row == f[:stop_at + 1] and row[-1] == eos
     assert len(out[0]) == first[0] + 1 < 12 and any(len(r) == 12 for r in out)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_prefill_keeps_the_forwards_keys_and_last_logits_and_skips_the_last_layers_other_tokens(params, window):
+    cfg = TINY.replace(sliding_window=window)
+    toks, lens = S.pad_prompts(PROMPTS, cfg.vocab_size, rows=4, length=16)  # ragged, one of length 1
+    prefill = jax.jit(decoding.prefill, static_argnums=0)
+    cache, logits = prefill(cfg, params, toks, lens)
+    idx = np.arange(toks.shape[1])[None, :]
+    positions = np.where(idx < lens[:, None], idx, -1)
+    full = jax.jit(lambda p, t, q: M.apply(cfg, p, t, q, want_values=False, return_kv=True))(params, toks, positions)
+    ref = decoding.LayerCache.from_stacked(full.cache)
+    for got, want in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(ref), strict=True):
+        np.testing.assert_array_equal(got, want)  # bit for bit: the decode reads these keys
+    np.testing.assert_allclose(logits, full.logits[np.arange(4), lens - 1], rtol=1e-5, atol=1e-5)
+    # The last layer's attention output and MLP run at one token a row, not all 16: the compiled
+    # program does less than the full backbone alone (no LM head) by most of that layer's work.
+    flops = lambda f, *a: f.lower(*a).compile().cost_analysis()["flops"]  # noqa: E731
+    backbone = jax.jit(lambda p, t, q: M.apply(cfg, p, t, q, want_logits=False, want_values=False).hidden)
+    e, f, t = cfg.embed_dim, cfg.mlp_dim, toks.shape[1]
+    skipped = 4 * (t - 1) * 2 * (3 * e * f + cfg.num_heads * cfg.head_dim * e)  # MLP and output projection
+    lm_head = 4 * 2 * e * cfg.vocab_size
+    assert flops(prefill, cfg, params, toks, lens) < flops(backbone, params, toks, positions) - 0.8 * skipped + lm_head
 
 
 def test_logprobs_are_the_models(params):

@@ -19,12 +19,11 @@ from glore_jax.models.transformer import KVCache, LanguageModel, ModelOutput
 def apply(config: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None,
           segment_ids: jax.Array | None = None, cache: KVCache | None = None,
           cache_index: jax.Array | int | None = None, *, want_logits: bool = True,
-          want_values: bool = True, logit_index: jax.Array | None = None,
-          return_kv: bool = False) -> ModelOutput:
+          want_values: bool = True, return_kv: bool = False) -> ModelOutput:
     """Un-jitted model call; embed it in your own jitted step. See `LanguageModel.__call__`."""
     return LanguageModel(config).apply({"params": params}, tokens, positions, segment_ids, cache,
                                        cache_index, want_logits=want_logits, want_values=want_values,
-                                       logit_index=logit_index, return_kv=return_kv)
+                                       return_kv=return_kv)
 
 
 @functools.partial(jax.jit, static_argnums=0)

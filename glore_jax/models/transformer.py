@@ -123,17 +123,14 @@ class LanguageModel(nn.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
                  cache_index: jax.Array | int | None = None, *, want_logits: bool = True,
-                 want_values: bool = True, logit_index: jax.Array | None = None,
-                 return_kv: bool = False) -> ModelOutput:
+                 want_values: bool = True, return_kv: bool = False) -> ModelOutput:
         """tokens, positions, segment_ids: [B, T] int. Padding tokens get position -1.
 
         With a cache, this call's tokens attend to every filled slot at or
         before their own position, and are written at slot `cache_index`.
         `return_kv` without a cache returns this call's keys/values as a
-        KVCache of length T (how a prefill builds its cache).
-        `logit_index` [B]: compute logits only at that time index of each row
-        (returned as [B, 1, V]); a prefill needs only the last prompt token's
-        logits, and [B, P, V] for a 32k vocab would dwarf the KV cache.
+        KVCache of length T (the sampler's prefill, `decoding.prefill`, runs
+        the layers itself to skip work it does not need).
         """
         c = self.config
         if positions is None:
@@ -145,9 +142,7 @@ class LanguageModel(nn.Module):
         hidden, cache = backbone(tokens, positions, segment_ids, cache, cache_index, return_kv)
         logits = values = None
         if "lm" in c.heads and (want_logits or self.is_initializing()):
-            h = hidden if logit_index is None else jnp.take_along_axis(
-                hidden, logit_index.astype(jnp.int32)[:, None, None], axis=1)
-            logits = backbone.attend(h) if c.tie_embeddings else LMHead(c, name="lm_head")(h)
+            logits = backbone.attend(hidden) if c.tie_embeddings else LMHead(c, name="lm_head")(hidden)
             logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         if "value" in c.heads and (want_values or self.is_initializing()):
             values = ValueHead(c, name="value_head")(hidden)

@@ -44,8 +44,9 @@ from jax.sharding import Mesh, PartitionSpec
 
 from glore_jax import hardware
 from glore_jax import sharding as shd
-from glore_jax.models import ModelConfig, apply, param_shardings
-from glore_jax.models.decoding import LAYER_K_AXES, LAYER_V_AXES, LayerCache, decode_step, decode_weights, split_layers
+from glore_jax.models import ModelConfig, param_shardings
+from glore_jax.models.decoding import (LAYER_K_AXES, LAYER_V_AXES, LayerCache, decode_step, decode_weights, prefill,
+                                      split_layers)
 from glore_jax.sampling.state import SamplingState, StopCondition, phase_widths
 from glore_jax.sampling.strategy import SamplingStrategy, select
 
@@ -153,11 +154,7 @@ class Sampler:
     def _prefill(self, params, prompts: jax.Array, lengths: jax.Array) -> tuple[LayerCache, jax.Array]:
         """prompts [B, P] right-padded, lengths [B] -> (prefix cache of P slots, last logits [B, V])."""
         with shd.activation_rules(self.mesh, self.rules):
-            idx = jnp.arange(prompts.shape[1])[None, :]
-            positions = jnp.where(idx < lengths[:, None], idx, -1).astype(jnp.int32)
-            out = apply(self.config, params, prompts, positions, want_values=False, return_kv=True,
-                        logit_index=jnp.maximum(lengths - 1, 0))
-        return LayerCache.from_stacked(out.cache), out.logits[:, 0]
+            return prefill(self.config, params, prompts, lengths)
 
     def _start(self, logits: jax.Array, lengths: jax.Array, row_ids: jax.Array, seed: jax.Array,
                limit: jax.Array, max_new: int, share: int, width: int, strategy: SamplingStrategy,
