@@ -12,7 +12,7 @@ arrays), and the per-layer weights are split once before the loop
 The prefill (`prefill`) also runs its layers one by one, for another reason: a
 sampler needs only the last prompt token's logits, so the last layer runs its
 attention and MLP at that token alone (and its keys/values at every token):
-a quarter less work for the demo preset's four layers.
+about a fifth less work for the demo preset's four layers.
 
 The layer math is the same `Block` module the scan runs, applied per layer.
 """
