@@ -123,11 +123,16 @@ def test_few_rows_per_device_decode_in_the_per_core_program_with_the_same_tokens
 
     from glore_jax import hardware
 
-    cpu = SimpleNamespace(platform="cpu")
+    cpu, real_flags = SimpleNamespace(platform="cpu"), hardware.cpu_flags
     monkeypatch.setattr(hardware, "host_cores", lambda: 4)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert hardware.decode_compiler_options([cpu] * 4) == hardware.CPU_DECODE_PER_CORE_OPTIONS
     assert hardware.decode_compiler_options([cpu] * 2) is None  # a device's loop needs the pool's threads
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))  # and 512-bit vectors
+    assert hardware.decode_compiler_options([cpu] * 4) == {**hardware.CPU_DECODE_PER_CORE_OPTIONS,
+                                                           "xla_cpu_prefer_vector_width": 512}
     assert hardware.decode_compiler_options([SimpleNamespace(platform="gpu")] * 8) is None
+    monkeypatch.setattr(hardware, "cpu_flags", real_flags)
     monkeypatch.setattr(hardware, "host_cores", lambda: 8)  # the tests' 8 devices, one per core
     mesh = shd.make_mesh((2, 4, 1))
     sampler, spmd = S.Sampler(TINY, mesh=mesh), S.Sampler(TINY, mesh=mesh, independent_rows=False)
