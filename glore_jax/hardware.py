@@ -154,8 +154,10 @@ DECODE_PER_CORE_MAX_ROWS = 16
 # LLVM for 256 by default). Their step is ~160 small kernels: elementwise passes, reductions and
 # [G, D] x [D, S] attention products per row, which run far below the weight matmuls' rate, and
 # wider vectors speed those up. On the 2-core Zen 5 EPYC (2026-12-04, demo preset, two devices,
-# alternating in one process, median ratio of call time): 1.10x at batch 64 with 128 new tokens,
-# 1.07-1.12x at batch 32, ~1.03x at the demo pipeline's 64 x 224-token prompts + 96 new. Not for the
+# alternating in one process, call time 256-bit / 512-bit, fastest and median): batch 64 with 128
+# new tokens 1.06x / 1.12x (a second run 1.10x by median), batch 32 1.13x / 1.10x; with 32 new tokens
+# batch 64 1.03x / 1.02x; the demo pipeline's 64 x 224-token prompts + 96 new 1.03x / 1.00x; the
+# `mini` preset, batch 32, 32 new 1.04x / 1.05x. Not for the
 # pooled loops (0.97x at 48 rows a device, whose YNNPACK kernels gain nothing) nor the float32 train
 # step (169.3 against 169.4 ms). Kernels that reduce in another order: logprobs move by ~2e-6
 # against the 256-bit program. Not measured on an AVX-512 Xeon; AVX2-only CPUs are unaffected.
