@@ -52,7 +52,9 @@ def cpu_info() -> dict:
         pass
     native = sorted(flags & {"amx_bf16", "avx512_bf16"})
     return {"cpu": model, **ids, "cpu_count": os.cpu_count(), "native_bf16": bool(native), "bf16_flags": native,
-            "avx2": "avx2" in flags, "machine": platform.machine(),
+            "avx2": "avx2" in flags,
+            # AVX-512 CPUs compile the per-core decode loops for 512-bit vectors (`hardware.decode_compiler_options`).
+            "avx512f": "avx512f" in flags, "machine": platform.machine(),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 

@@ -31,4 +31,4 @@ def test_cpu_info_tells_cpu_generations_of_one_name_apart(monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=lscpu))
     info = common.cpu_info()
     assert (info["cpu"], info["cpu_family"], info["cpu_model_id"]) == ("AMD EPYC", "26", "2")
-    assert info["native_bf16"] and info["bf16_flags"] == ["avx512_bf16"] and info["avx2"]
+    assert info["native_bf16"] and info["bf16_flags"] == ["avx512_bf16"] and info["avx2"] and info["avx512f"]
