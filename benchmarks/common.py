@@ -1,4 +1,5 @@
-"""What every benchmark reports besides its figures: the CPU, its bf16 support, and how a time is taken."""
+"""What every benchmark reports besides its figures: the CPU, its bf16 support, how a time is taken, and
+where the torch peer runs (beside JAX: on the GPU when JAX runs on one)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,54 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def matmul_shape(platform: str) -> tuple[int, int, int]:
+    """(m, k, n) of the peak measurement. On a CPU [1024, 4096] x [4096, 1024], ~8.6 GFLOP (20-40 ms on 2
+    cores); on an accelerator 8192 cubed, ~1.1 TFLOP (~1.4 ms on an H200 in bf16), so that a call's launch
+    and host sync (tens of microseconds) stay near 1% of it instead of most of it."""
+    return (1024, 4096, 1024) if platform == "cpu" else (8192, 8192, 8192)
+
+
 def matmul_gflops(dtype: str, repeats: int) -> float:
-    """This machine's practical matmul rate in `dtype` (float32 accumulation), [1024, 4096] x [4096, 1024], GFLOP/s."""
+    """This machine's practical matmul rate in `dtype` (float32 accumulation) on JAX's first device, GFLOP/s.
+    float32 runs at JAX's default precision, which is TF32 on NVIDIA GPUs since Ampere (`torch_setup`)."""
     import jax
     import jax.numpy as jnp
-    a = jnp.ones((1024, 4096), dtype)
-    b = jnp.ones((4096, 1024), dtype)
+    m, k, n = matmul_shape(jax.devices()[0].platform)
+    a = jnp.ones((m, k), dtype)
+    b = jnp.ones((k, n), dtype)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    return 2 * 1024 * 4096 * 1024 / best_time(lambda: f(a, b).block_until_ready(), repeats) / 1e9
+    return 2 * m * k * n / best_time(lambda: f(a, b).block_until_ready(), repeats) / 1e9
+
+
+def torch_device(jax_platform: str) -> str:
+    """Where the torch peer runs: on the GPU when JAX runs on one (a GPU figure against torch on the
+    host CPU would say nothing), else on the CPU."""
+    return "cuda" if jax_platform == "gpu" else "cpu"
+
+
+def torch_setup(torch, device: str):
+    """Sets torch up as the peer on `device` and returns a `sync()` to call before a timer stops.
+
+    On the CPU: every core, as XLA uses. On CUDA: float32 matmuls in TF32, which is what XLA runs a
+    float32 dot at by default on NVIDIA GPUs since Ampere (torch defaults to full float32), so that
+    both sides do the same arithmetic; CUDA work is asynchronous, so a timed call ends at a sync."""
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")
+        return torch.cuda.synchronize
+    torch.set_num_threads(os.cpu_count() or 1)
+    return lambda: None
+
+
+def torch_matmul_gflops(torch, device: str, dtype: str, repeats: int, sync) -> float:
+    """`matmul_gflops`, the same shape, on torch's side."""
+    m, k, n = matmul_shape("gpu" if device == "cuda" else "cpu")
+    a = torch.ones(m, k, dtype=getattr(torch, dtype), device=device)
+    b = torch.ones(k, n, dtype=getattr(torch, dtype), device=device)
+
+    def run():
+        a @ b
+        sync()
+    return 2 * m * k * n / best_time(run, repeats) / 1e9
 
 
 def cpu_info() -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -32,7 +31,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import best_time, cpu_info, matmul_gflops, save  # noqa: E402
+from benchmarks.common import (best_time, cpu_info, matmul_gflops, save, torch_device,  # noqa: E402
+                               torch_matmul_gflops, torch_setup)
 from glore_jax import hardware, models as M, objectives  # noqa: E402
 from glore_jax import sharding as shd  # noqa: E402
 from glore_jax.training import metrics as metrics_lib, state as state_lib  # noqa: E402
@@ -75,8 +75,9 @@ def jax_step_time(cfg, repeats: int) -> float:
     return best_time(run, repeats)
 
 
-def torch_times(cfg, repeats: int) -> dict:
-    job = json.dumps({"cfg": json.loads(cfg.to_json()), "repeats": repeats})
+def torch_times(cfg, repeats: int, modes: list[str]) -> dict:
+    job = json.dumps({"cfg": json.loads(cfg.to_json()), "repeats": repeats, "modes": modes,
+                      "device": torch_device(jax.devices()[0].platform)})
     out = subprocess.run([sys.executable, __file__, "--torch_worker", job], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"torch worker failed:\n{out.stderr[-3000:]}")
@@ -87,32 +88,31 @@ def _torch_worker(job: str) -> None:
     import torch
     import transformers
     job = json.loads(job)
-    c = job["cfg"]
-    torch.set_num_threads(os.cpu_count() or 1)
+    c, device = job["cfg"], job["device"]
+    sync = torch_setup(torch, device)
     hf_cfg = transformers.LlamaConfig(
         vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], intermediate_size=c["mlp_dim"],
         num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
         head_dim=c["head_dim"], rms_norm_eps=c["norm_eps"], rope_theta=c["rope_theta"],
         tie_word_embeddings=c["tie_embeddings"], max_position_embeddings=4 * SEQ, attention_bias=False)
-    tokens = torch.tensor(_batch(M.ModelConfig.from_dict(c))["tokens"], dtype=torch.long)
-    result = {"matmul_gflops": {}}
-    for dtype in ("float32", "bfloat16"):
-        a, b = torch.ones(1024, 4096, dtype=getattr(torch, dtype)), torch.ones(4096, 1024, dtype=getattr(torch, dtype))
-        result["matmul_gflops"][dtype] = 2 * 1024 * 4096 * 1024 / best_time(lambda: a @ b, job["repeats"]) / 1e9
-    for mode in ("eager", "compile"):
+    tokens = torch.tensor(_batch(M.ModelConfig.from_dict(c))["tokens"], dtype=torch.long, device=device)
+    result = {"matmul_gflops": {d: torch_matmul_gflops(torch, device, d, job["repeats"], sync)
+                                for d in ("float32", "bfloat16")}}
+    for mode in job["modes"]:
         for dtype in ("float32", "bfloat16"):
             torch.manual_seed(0)
-            model = transformers.LlamaForCausalLM(hf_cfg).train()
+            model = transformers.LlamaForCausalLM(hf_cfg).to(device).train()
             opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
             fwd = torch.compile(model) if mode == "compile" else model
 
             def step():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
                     loss = fwd(input_ids=tokens, labels=tokens).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                sync()
             try:
                 step()  # compiles under torch.compile
                 result[f"{mode}_{dtype}"] = best_time(step, job["repeats"])
@@ -151,21 +151,31 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repeats (about 3 minutes on 2 cores)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--preset", default=None, help="a `models` preset instead of the demo's model (for accelerators, "
+                    "where the demo's 3.4M parameters measure launch overhead more than arithmetic)")
+    ap.add_argument("--layers", type=int, default=None, help="override the model's number of layers")
+    ap.add_argument("--torch_modes", default="eager,compile", help="torch peers to run: eager, compile or both")
+    ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the demo's non-pad token share, unpacked and packed (needs the data extras)")
     ap.add_argument("--torch_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_worker:
         return _torch_worker(args.torch_worker)
     repeats = 3 if args.quick else 8
-    base = demo_model()
-    dtypes = args.dtypes.split(",")
+    base = M.preset(args.preset) if args.preset else demo_model()
+    base = base.replace(num_layers=args.layers) if args.layers else base
+    dtypes, modes = args.dtypes.split(","), args.torch_modes.split(",")
     info = cpu_info()
-    results = {**info, "jax": jax.__version__, "devices": len(jax.devices()), "model": json.loads(base.to_json()), "params_m": base.num_params() / 1e6, "batch": BATCH, "seq": SEQ,
-               "tokens_per_step": BATCH * SEQ, "dtypes": {}}
+    device = jax.devices()[0]
+    results = {**info, "jax": jax.__version__, "devices": len(jax.devices()), "device_kind": device.device_kind,
+               "torch_device": torch_device(device.platform), "model": json.loads(base.to_json()),
+               "params_m": base.num_params() / 1e6, "batch": BATCH, "seq": SEQ, "tokens_per_step": BATCH * SEQ,
+               "dtypes": {}}
     # Two blocks per side, alternating (JAX, torch, JAX, torch); each side keeps its faster block.
     jax_first = {d: jax_step_time(base.replace(dtype=d), repeats) for d in dtypes}
-    torch = torch_times(base, repeats)
+    torch = torch_times(base, repeats, modes)
     jax_after = {d: jax_step_time(base.replace(dtype=d), repeats) for d in dtypes}
-    torch_again = torch_times(base, repeats)
+    torch_again = torch_times(base, repeats, modes)
     for key, value in torch_again.items():
         if isinstance(value, float) and (torch.get(key) is None or value < torch[key]):
             torch[key] = value
@@ -179,25 +189,27 @@ def main():
         row = {"jax_tokens_per_s": BATCH * SEQ / ours, "jax_step_s": ours, "matmul_peak_gflops": peak / 1e9,
                "torch_matmul_peak_gflops": torch["matmul_gflops"][d]}
         for mode in ("eager", "compile"):
-            t = torch.get(f"{mode}_{d}")
+            t = torch.get(f"{mode}_{d}")  # None: not run (--torch_modes) or failed (the error is kept)
             row[f"torch_{mode}_tokens_per_s"] = BATCH * SEQ / t if t else None
             row[f"speedup_vs_torch_{mode}"] = t / ours if t else None
             if not t:
                 row[f"torch_{mode}_error"] = torch.get(f"{mode}_{d}_error")
         achieved = flops_per_token * BATCH * SEQ / ours  # every token is a real (non-pad) target here
+        eager = row["torch_eager_tokens_per_s"]
         row.update(fraction_of_matmul_peak=achieved / peak, mfu_nonpad=achieved / nominal,
-                   torch_eager_fraction_of_matmul_peak=(flops_per_token * row["torch_eager_tokens_per_s"]
-                                                         / (torch["matmul_gflops"][d] * 1e9)))
+                   torch_eager_fraction_of_matmul_peak=(flops_per_token * eager / (torch["matmul_gflops"][d] * 1e9)
+                                                        if eager else None))
         results["dtypes"][d] = row
-    speed = lambda mode: [r[f"speedup_vs_torch_{mode}"] for r in results["dtypes"].values()]  # noqa: E731
-    results["train_speedup_vs_torch_eager"] = min(speed("eager"))
-    compiled = [x for x in speed("compile") if x is not None]
-    results["train_speedup_vs_torch_compile"] = min(compiled) if compiled else None
+    speed = lambda mode: [r[f"speedup_vs_torch_{mode}"] for r in results["dtypes"].values()  # noqa: E731
+                          if r[f"speedup_vs_torch_{mode}"] is not None]
+    results["train_speedup_vs_torch_eager"] = min(speed("eager"), default=None)
+    results["train_speedup_vs_torch_compile"] = min(speed("compile"), default=None)
     results["mfu_nonpad"] = {d: r["mfu_nonpad"] for d, r in results["dtypes"].items()}
     results["fraction_of_matmul_peak"] = {d: r["fraction_of_matmul_peak"] for d, r in results["dtypes"].items()}
-    results.update(packing_shares(10 if args.quick else 50))
+    if args.packing:
+        results.update(packing_shares(10 if args.quick else 50))
 
-    print(f"{info['cpu']} (family {info.get('cpu_family')} model {info.get('cpu_model_id')}, {info['cpu_count']} CPUs, native bf16: {info['native_bf16']} {info['bf16_flags']}); "
+    print(f"{device.device_kind} ({len(jax.devices())} devices; torch on {results['torch_device']}), host {info['cpu']} (family {info.get('cpu_family')} model {info.get('cpu_model_id')}, {info['cpu_count']} CPUs, native bf16: {info['native_bf16']} {info['bf16_flags']}); "
           f"model {results['params_m']:.2f}M params, batch {BATCH} x {SEQ}")
     print(f"{'dtype':>9} {'ours tok/s':>11} {'eager':>9} {'compile':>9} {'vs eager':>9} {'vs compile':>10} "
           f"{'of peak':>8}")
@@ -206,9 +218,10 @@ def main():
         print(f"{d:>9} {r['jax_tokens_per_s']:>11,.0f} {fmt(r['torch_eager_tokens_per_s'], '>9,.0f')} "
               f"{fmt(r['torch_compile_tokens_per_s'], '>9,.0f')} {fmt(r['speedup_vs_torch_eager'], '>8.2f')}x "
               f"{fmt(r['speedup_vs_torch_compile'], '>9.2f')}x {r['fraction_of_matmul_peak']:>7.1%}")
-    print(f"demo SFT batches, non-pad share: {results['nonpad_fraction_before']:.1%} unpacked, "
-          f"{results['nonpad_fraction_after']:.1%} packed ({results['examples_per_batch_before']:.0f} -> "
-          f"{results['examples_per_batch_after']:.1f} examples per batch)")
+    if args.packing:
+        print(f"demo SFT batches, non-pad share: {results['nonpad_fraction_before']:.1%} unpacked, "
+              f"{results['nonpad_fraction_after']:.1%} packed ({results['examples_per_batch_before']:.0f} -> "
+              f"{results['examples_per_batch_after']:.1f} examples per batch)")
     save(results, args.out)
 
 

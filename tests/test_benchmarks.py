@@ -32,3 +32,33 @@ def test_cpu_info_tells_cpu_generations_of_one_name_apart(monkeypatch):
     info = common.cpu_info()
     assert (info["cpu"], info["cpu_family"], info["cpu_model_id"]) == ("AMD EPYC", "26", "2")
     assert info["native_bf16"] and info["bf16_flags"] == ["avx512_bf16"] and info["avx2"] and info["avx512f"]
+
+
+def test_the_torch_peer_runs_where_jax_runs_and_times_to_a_sync():
+    # A GPU figure against torch on the host CPU would say nothing; a CUDA call timed without a sync
+    # times its launch only; and torch's float32 default (full precision) against XLA's on NVIDIA GPUs
+    # (TF32) would compare different arithmetic.
+    from benchmarks import common
+
+    assert common.torch_device("gpu") == "cuda" and common.torch_device("cpu") == "cpu"
+    # The accelerator's peak shape is large enough that a launch is noise beside it; the CPU's fits 2 cores.
+    assert common.matmul_shape("cpu") == (1024, 4096, 1024) and min(common.matmul_shape("gpu")) >= 8192
+
+    class FakeTorch:
+        calls = []
+        cuda = type("cuda", (), {"synchronize": staticmethod(lambda: FakeTorch.calls.append("sync"))})
+
+        @staticmethod
+        def set_float32_matmul_precision(p):
+            FakeTorch.calls.append(("precision", p))
+
+        @staticmethod
+        def set_num_threads(n):
+            FakeTorch.calls.append(("threads", n))
+
+    sync = common.torch_setup(FakeTorch, "cuda")
+    sync()
+    assert FakeTorch.calls == [("precision", "high"), "sync"]
+    FakeTorch.calls.clear()
+    common.torch_setup(FakeTorch, "cpu")()
+    assert FakeTorch.calls == [("threads", __import__("os").cpu_count() or 1)]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The two benchmarks on a GPU host: JAX on the GPU, and the torch / HF peers (and tunix's sampler,
+# where it imports) on the same GPU (`benchmarks/common.torch_setup`). Each stage has its own time
+# limit, so one that hangs or fails leaves the others' figures; everything printed goes to OUT/log.txt.
+#
+#   bash benchmarks/gpu.sh OUT_DIR
+#
+# Needs jax with CUDA, torch with CUDA, transformers and the project's own imports. The packing
+# figures are left out (`--no-packing`): they are a property of the data, measured on CPU hosts,
+# and their loader needs the data extras (grain, tensorflow-datasets) that GPU images often lack.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+# The torch peers run in child processes on the same GPU while this process holds its buffers:
+# JAX must not take 75% of the GPU's memory up front, as it does by default.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+
+stage() {  # NAME SECONDS SCRIPT ARGS...: one benchmark run, its JSON at OUT/NAME.json
+  local name=$1 secs=$2
+  shift 2
+  echo "== $name: start $(date -u +%T), limit ${secs}s"
+  timeout "$secs" "$py" "$@" --out "$out/$name.json"
+  echo "== $name: exit $? at $(date -u +%T)"
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  "$py" -c "import jax, torch, transformers; print('jax', jax.__version__, jax.devices(), '| torch',
+torch.__version__, 'cuda', torch.cuda.is_available(), '| transformers', transformers.__version__)"
+  # The demo preset's sampler (3.7M parameters) and the demo's model in training (1.05M): what the
+  # CPU figures are measured on, so the two can be read side by side.
+  stage sampling_quick "${SAMPLING_S:-200}" benchmarks/sampling.py --quick
+  stage train_quick "${TRAIN_S:-170}" benchmarks/train.py --quick --no-packing
+  # A model big enough for a GPU's arithmetic to show: LLaMA-2 7B's widths, 2 layers (~0.67B
+  # parameters with its 32k untied embeddings); torch eager only, to fit a short lease.
+  stage train_quick_7bwide_2layers "${TRAIN_BIG_S:-170}" benchmarks/train.py --quick --no-packing \
+    --preset llama2_7b --layers 2 --torch_modes eager
+} 2>&1 | tee "$out/log.txt"
