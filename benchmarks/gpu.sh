@@ -30,10 +30,10 @@ stage() {  # NAME SECONDS SCRIPT ARGS...: one benchmark run, its JSON at OUT/NAM
 torch.__version__, 'cuda', torch.cuda.is_available(), '| transformers', transformers.__version__)"
   # The demo preset's sampler (3.7M parameters) and the demo's model in training (1.05M): what the
   # CPU figures are measured on, so the two can be read side by side.
-  stage sampling_quick "${SAMPLING_S:-200}" benchmarks/sampling.py --quick
-  stage train_quick "${TRAIN_S:-170}" benchmarks/train.py --quick --no-packing
+  stage sampling_quick "${SAMPLING_S:-300}" benchmarks/sampling.py --quick
+  stage train_quick "${TRAIN_S:-240}" benchmarks/train.py --quick --no-packing
   # A model big enough for a GPU's arithmetic to show: LLaMA-2 7B's widths, 2 layers (~0.67B
   # parameters with its 32k untied embeddings); torch eager only, to fit a short lease.
-  stage train_quick_7bwide_2layers "${TRAIN_BIG_S:-170}" benchmarks/train.py --quick --no-packing \
+  stage train_quick_7bwide_2layers "${TRAIN_BIG_S:-200}" benchmarks/train.py --quick --no-packing \
     --preset llama2_7b --layers 2 --torch_modes eager
 } 2>&1 | tee "$out/log.txt"
