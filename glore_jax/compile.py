@@ -13,8 +13,9 @@ compiled executables:
            (arguments + outputs - donated + temporaries + code) against the
            chip's HBM (`fits`);
   cost     XLA's FLOPs and its cost model's step time (`optimal_seconds`),
-           and the MFU that implies for the model FLOPs (6N + attention per
-           token, counting every token of the batch as work).
+           and the MFU that implies for the model FLOPs (`flops_per_token`: 6N,
+           N without the input embedding, + attention per token; every token of
+           the batch counted as work).
 
 These are the compiler's estimates, not measurements: a real pod's step
 also pays the host, the input pipeline and collectives XLA models loosely.

@@ -36,7 +36,7 @@ def test_smoke_config_on_v5e_2x2_reports_memory_and_cost(tmp_path):
     assert state_bytes / 4 <= mem["alias"] <= state_bytes
     assert mem["peak"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
     assert train["fits"] is True and 0 < train["peak_gib"] < 0.1
-    # XLA's per-device FLOPs times 4 devices is the same order as 6N + attention per token.
+    # XLA's per-device FLOPs times 4 devices is the same order as the model FLOPs (`flops_per_token`).
     assert 0.3 < 4 * train["cost"]["flops"] / train["model_flops"] < 3
     assert train["estimated_step_seconds"] > 0 and 0 < train["estimated_mfu"] < 1
     sampler = report["sampler"]
