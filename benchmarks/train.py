@@ -13,8 +13,8 @@ The two sides alternate, JAX, torch, JAX, torch, and each keeps its faster
 block, so a load spike on the shared machine hurts neither side alone. Figures are
 the fastest of several steps after warm-up.
 
-Also reported: each side's achieved GFLOP/s (6 x params x tokens plus
-attention, `ModelConfig.flops_per_token`) as a fraction of the same run's
+Also reported: each side's achieved GFLOP/s (6 x the multiplying params x tokens
+plus attention, `ModelConfig.flops_per_token`) as a fraction of the same run's
 measured matmul peak in that dtype, and MFU on non-pad tokens against the
 nominal peak used by the trainer's logs.
 """
