@@ -3,7 +3,8 @@
 # where it imports) on the same GPU (`benchmarks/common.torch_setup`). Each stage has its own time
 # limit, so one that hangs or fails leaves the others' figures; everything printed goes to OUT/log.txt.
 #
-#   bash benchmarks/gpu.sh OUT_DIR
+#   bash benchmarks/gpu.sh OUT_DIR                                 # the GPU stages
+#   STAGES=train_quick_hostcpu_2cores bash benchmarks/gpu.sh OUT_DIR  # the host CPU, 2 cores
 #
 # Needs jax with CUDA, torch with CUDA, transformers and the project's own imports. The packing
 # figures are left out (`--no-packing`): they are a property of the data, measured on CPU hosts,
@@ -16,24 +17,36 @@ py=${PYTHON:-python3}
 # JAX must not take 75% of the GPU's memory up front, as it does by default.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 
-stage() {  # NAME SECONDS SCRIPT ARGS...: one benchmark run, its JSON at OUT/NAME.json
+stage() {  # NAME SECONDS COMMAND...: one benchmark run, its JSON at OUT/NAME.json
   local name=$1 secs=$2
   shift 2
   echo "== $name: start $(date -u +%T), limit ${secs}s"
-  timeout "$secs" "$py" "$@" --out "$out/$name.json"
+  timeout "$secs" "$@" --out "$out/$name.json"
   echo "== $name: exit $? at $(date -u +%T)"
 }
 
+# The stages to run, in order (STAGES="a b ..."); the first three are the default (~10 minutes on an
+# H200 host, 2026-12-04), which fills one 10-minute call of this workplace's device tool.
+stages=${STAGES:-"sampling_quick train_quick train_quick_7bwide_2layers"}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   "$py" -c "import jax, torch, transformers; print('jax', jax.__version__, jax.devices(), '| torch',
 torch.__version__, 'cuda', torch.cuda.is_available(), '| transformers', transformers.__version__)"
-  # The demo preset's sampler (3.7M parameters) and the demo's model in training (1.05M): what the
-  # CPU figures are measured on, so the two can be read side by side.
-  stage sampling_quick "${SAMPLING_S:-300}" benchmarks/sampling.py --quick
-  stage train_quick "${TRAIN_S:-240}" benchmarks/train.py --quick --no-packing
-  # A model big enough for a GPU's arithmetic to show: LLaMA-2 7B's widths, 2 layers (~0.67B
-  # parameters with its 32k untied embeddings); torch eager only, to fit a short lease.
-  stage train_quick_7bwide_2layers "${TRAIN_BIG_S:-200}" benchmarks/train.py --quick --no-packing \
-    --preset llama2_7b --layers 2 --torch_modes eager
+  for s in $stages; do
+    case $s in
+      # The demo preset's sampler (3.7M parameters) and the demo's model in training (1.05M): what the
+      # CPU figures are measured on, so the two can be read side by side.
+      sampling_quick) stage "$s" "${SAMPLING_S:-300}" "$py" benchmarks/sampling.py --quick ;;
+      train_quick) stage "$s" "${TRAIN_S:-240}" "$py" benchmarks/train.py --quick --no-packing ;;
+      # A model big enough for a GPU's arithmetic to show: LLaMA-2 7B's widths, 2 layers (~0.67B
+      # parameters with its 32k untied embeddings); torch eager only, to fit a short lease.
+      train_quick_7bwide_2layers) stage "$s" "${TRAIN_BIG_S:-200}" "$py" benchmarks/train.py --quick --no-packing \
+        --preset llama2_7b --layers 2 --torch_modes eager ;;
+      # The host's own CPU on two of its cores, as a 2-core development machine: GPU hosts here have been
+      # AMX Xeons, where the float32 train step has been short of 1.2x torch eager (README, issue 14).
+      train_quick_hostcpu_2cores) JAX_PLATFORMS=cpu stage "$s" "${CPU_TRAIN_S:-240}" taskset -c 0,1 "$py" \
+        benchmarks/train.py --quick --no-packing ;;
+      *) echo "unknown stage $s" ;;
+    esac
+  done
 } 2>&1 | tee "$out/log.txt"

@@ -34,7 +34,7 @@ def test_cpu_info_tells_cpu_generations_of_one_name_apart(monkeypatch):
     assert info["native_bf16"] and info["bf16_flags"] == ["avx512_bf16"] and info["avx2"] and info["avx512f"]
 
 
-def test_the_torch_peer_runs_where_jax_runs_and_times_to_a_sync():
+def test_the_torch_peer_runs_where_jax_runs_and_times_to_a_sync(monkeypatch):
     # A GPU figure against torch on the host CPU would say nothing; a CUDA call timed without a sync
     # times its launch only; and torch's float32 default (full precision) against XLA's on NVIDIA GPUs
     # (TF32) would compare different arithmetic.
@@ -60,5 +60,8 @@ def test_the_torch_peer_runs_where_jax_runs_and_times_to_a_sync():
     sync()
     assert FakeTorch.calls == [("precision", "high"), "sync"]
     FakeTorch.calls.clear()
+    # On the CPU, torch gets the cores this process may use (its affinity), not the host's count.
+    import os
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
     common.torch_setup(FakeTorch, "cpu")()
-    assert FakeTorch.calls == [("threads", __import__("os").cpu_count() or 1)]
+    assert FakeTorch.calls == [("threads", 3)]
