@@ -52,9 +52,10 @@ def torch_setup(torch, device: str):
     """Sets torch up as the peer on `device` and returns a `sync()` to call before a timer stops.
 
     On the CPU: every core this process may run on (its affinity set, as XLA's pool sizes itself; not
-    `os.cpu_count()`, which under `taskset -c 0,1` on a 16-CPU host would oversubscribe 2 cores). On CUDA: float32 matmuls in TF32, which is what XLA runs a
-    float32 dot at by default on NVIDIA GPUs since Ampere (torch defaults to full float32), so that
-    both sides do the same arithmetic; CUDA work is asynchronous, so a timed call ends at a sync."""
+    `os.cpu_count()`, which under `taskset -c 0,1` on a 16-CPU host would oversubscribe 2 cores).
+    On CUDA: float32 matmuls in TF32, which is what XLA runs a float32 dot at by default on NVIDIA
+    GPUs since Ampere (torch defaults to full float32), so that both sides do the same arithmetic;
+    CUDA work is asynchronous, so a timed call ends at a sync."""
     if device == "cuda":
         torch.set_float32_matmul_precision("high")
         return torch.cuda.synchronize
@@ -95,8 +96,8 @@ def cpu_info() -> dict:
         pass
     native = sorted(flags & {"amx_bf16", "avx512_bf16"})
     from glore_jax import hardware
-    return {"cpu": model, **ids, "cpu_count": os.cpu_count(), "usable_cores": hardware.host_cores(), "native_bf16": bool(native), "bf16_flags": native,
-            "avx2": "avx2" in flags,
+    return {"cpu": model, **ids, "cpu_count": os.cpu_count(), "usable_cores": hardware.host_cores(),
+            "native_bf16": bool(native), "bf16_flags": native, "avx2": "avx2" in flags,
             # AVX-512 CPUs compile the per-core decode loops for 512-bit vectors (`hardware.decode_compiler_options`).
             "avx512f": "avx512f" in flags, "machine": platform.machine(),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
