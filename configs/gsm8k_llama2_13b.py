@@ -1,7 +1,7 @@
 """GLoRe's GSM8K setting with LLaMA-2 13B on a TPU pod; as `gsm8k_llama2_7b.py` with the larger model.
 
-Fits a v5p:2x2x2 slice (v5p-16) as is, by AOT compile: train step 55.6 GiB and sampler prefill
-52.2 GiB peak per 95 GiB chip (`python -m glore_jax.compile --config=configs/gsm8k_llama2_13b.py
+Fits a v5p:2x2x2 slice (v5p-16) as is, by AOT compile: train step 57.6 GiB and sampler prefill
+38.3 GiB peak per 95 GiB chip (2026-12-04) (`python -m glore_jax.compile --config=configs/gsm8k_llama2_13b.py
 --topology=v5p:2x2x2`; results/aot/llama2_13b_v5p_2x2x2.json).
 """
 

@@ -34,11 +34,11 @@ def shared(checkpoint: str = CHECKPOINT, tokenizer: str = TOKENIZER):
     c.data.tokenizer = tokenizer
     c.data.max_len = 1024
     # What fits (AOT, `python -m glore_jax.compile --topology=...`, results/aot/, README "Scaling out"):
-    #   v5p:2x2x2 (v5p-16, 95 GiB chips), as is: 7B train step 31.7 GiB, sampler 32.9 GiB peak per chip;
-    #     13B 55.6 / 52.2 GiB.
+    #   v5p:2x2x2 (v5p-16, 95 GiB chips), as is: 7B train step 32.8 GiB, sampler 25.6 GiB peak per chip;
+    #     13B 57.6 / 38.3 GiB (2026-12-04).
     #   v5e:4x4 (16 GiB chips), 7B: add --config.train.grad_accum=4 --config.glore.sample_rows=128
-    #     (train 13.0, prefill 10.3, decode 14.3 GiB); as is the train step needs 16.7 GiB and the
-    #     sampler's prefill over 16 GiB.
+    #     (train 13.4, prefill 7.7, decode 14.2 GiB); as is the train step needs 16.6 GiB and the
+    #     sampler's decode loop 16.3 GiB.
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.train.batch_size = 128
     c.train.warmup_steps = 20
