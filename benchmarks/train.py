@@ -152,7 +152,7 @@ def main():
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--preset", default=None, help="a `models` preset instead of the demo's model (for accelerators, "
-                    "where the demo's 3.4M parameters measure launch overhead more than arithmetic)")
+                    "where the demo model's 1.05M parameters measure launch overhead more than arithmetic)")
     ap.add_argument("--layers", type=int, default=None, help="override the model's number of layers")
     ap.add_argument("--torch_modes", default="eager,compile", help="torch peers to run: eager, compile or both")
     ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
