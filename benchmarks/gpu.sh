@@ -44,8 +44,18 @@ torch.__version__, 'cuda', torch.cuda.is_available(), '| transformers', transfor
         --preset llama2_7b --layers 2 --torch_modes eager ;;
       # The host's own CPU on two of its cores, as a 2-core development machine: GPU hosts here have been
       # AMX Xeons, where the float32 train step has been short of 1.2x torch eager (README, issue 14).
-      train_quick_hostcpu_2cores) JAX_PLATFORMS=cpu stage "$s" "${CPU_TRAIN_S:-240}" taskset -c 0,1 "$py" \
+      # Two logical CPUs on distinct physical cores (CPU_CORES=a,b to choose), so that the two XLA
+      # devices and torch's two threads do not share one core's units as hyperthread siblings.
+      train_quick_hostcpu_2cores)
+        cores=${CPU_CORES:-$(lscpu -p=CPU,CORE | grep -v '^#' | sort -t, -k2,2n -u | head -2 | cut -d, -f1 | paste -sd,)}
+        echo "host CPUs $cores: $(lscpu -p=CPU,CORE,SOCKET | grep -E "^(${cores/,/|}),")"
+        JAX_PLATFORMS=cpu stage "$s" "${CPU_TRAIN_S:-240}" taskset -c "$cores" "$py" \
         benchmarks/train.py --quick --no-packing ;;
+      # The 16-bit dense backward's two forms (plain products vs 3-D views) at 7B widths: see the script.
+      dense_grads_7bwide_2layers) stage "$s" "${DENSE_S:-200}" "$py" benchmarks/dense_grads.py --preset llama2_7b \
+        --layers 2 ;;
+      train_quick_7bwide_2layers_compile) stage "$s" "${TRAIN_BIG_S:-300}" "$py" benchmarks/train.py --quick \
+        --no-packing --preset llama2_7b --layers 2 --torch_modes eager,compile ;;
       *) echo "unknown stage $s" ;;
     esac
   done

@@ -1,0 +1,96 @@
+"""The JAX train step under several XLA compiler-option sets, alternating, on this machine.
+
+    python benchmarks/train_options.py --dtype float32 --out opts.json \\
+        --variants '{"ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}}'
+
+`hardware.train_compiler_options` chooses the step's XLA:CPU options from
+measurements on the CPUs this project has run on (see its comments); a new
+CPU can rank them differently. This times the step that `benchmarks/train.py`
+times (the demo's model, 32 x 176 tokens, the same mesh) built with the
+project's own options ("project") and with each variant, which replaces them
+whole ({} = XLA's defaults), in alternating blocks: the fastest step of each
+block, the best block per variant. No torch here: compare a variant with the
+project's options, then measure the choice with `benchmarks/train.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import jax  # noqa: E402
+
+from benchmarks.common import best_time, cpu_info, save  # noqa: E402
+from benchmarks.train import BATCH, SEQ, _batch, demo_model  # noqa: E402
+from glore_jax import hardware, objectives  # noqa: E402
+from glore_jax import sharding as shd  # noqa: E402
+from glore_jax.training import state as state_lib  # noqa: E402
+from glore_jax.training.config import TrainConfig  # noqa: E402
+
+
+def build(cfg, options: dict | None):
+    """A warmed-up step (its options `options`, or the project's own when None), its state and batch."""
+    t = TrainConfig(total_steps=10**6, batch_size=BATCH, grad_accum=1, learning_rate=3e-4, warmup_steps=0,
+                    weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
+                    max_to_keep=1, peak_tflops=0.0)
+    saved = hardware.train_compiler_options
+    if options is not None:  # read once, when the step is built
+        hardware.train_compiler_options = lambda platform, dtype="float32": dict(options)
+    try:
+        step, state, mesh = state_lib.isolated_step(objectives.get("sft"), cfg, t, mesh=shd.make_mesh())
+    finally:
+        hardware.train_compiler_options = saved
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg).items()}
+    state, m = step(state, batch)  # compiles: an option this XLA lacks fails here, in `main`'s try
+    jax.block_until_ready(m["loss"])
+    return step, state, batch
+
+
+def main():
+    hardware.reexec_with_launch_env()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--variants", required=True, help='JSON {"name": {xla option: value}}')
+    ap.add_argument("--rounds", type=int, default=3, help="alternating blocks per variant")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per block")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    try:
+        variants = {"project": None, **json.loads(args.variants)}
+    except json.JSONDecodeError as e:
+        sys.exit(f"train_options.py: --variants is not JSON: {e}")
+    cfg = demo_model().replace(dtype=args.dtype)
+    built, errors = {}, {}
+    for name, options in variants.items():
+        try:
+            built[name] = build(cfg, options)
+        except Exception as e:  # noqa: BLE001 - an option this XLA lacks: report it, time the rest
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    states = {n: [b[1]] for n, b in built.items()}
+    best = {n: float("inf") for n in built}
+    for _ in range(args.rounds):
+        for name, (step, _, batch) in built.items():
+            def run(name=name, step=step, batch=batch):
+                states[name][0], m = step(states[name][0], batch)
+                jax.block_until_ready(m["loss"])
+            best[name] = min(best[name], best_time(run, args.repeats))
+    project = hardware.train_compiler_options(jax.devices()[0].platform, args.dtype)
+    results = {**cpu_info(), "jax": jax.__version__, "devices": len(jax.devices()), "dtype": args.dtype,
+               "project_options": project, "variants": {n: v for n, v in variants.items() if v is not None},
+               "step_s": best, "tokens_per_s": {n: BATCH * SEQ / t for n, t in best.items()},
+               "speed_vs_project": {n: best["project"] / t for n, t in best.items()} if "project" in best else {},
+               "errors": errors}
+    print(f"{results['cpu']} ({results['cpu_count']} CPUs, {len(jax.devices())} devices), {args.dtype}; "
+          f"project options {project}")
+    for n, t in best.items():
+        print(f"{n:>20}: {t * 1e3:8.2f} ms  {BATCH * SEQ / t:>9,.0f} tok/s  {results['speed_vs_project'].get(n, 0):.3f}x")
+    for n, e in errors.items():
+        print(f"{n:>20}: failed: {e}")
+    save(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
