@@ -84,36 +84,43 @@ def torch_times(cfg, repeats: int, modes: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _torch_worker(job: str) -> None:
-    import torch
+def torch_train_step(torch, c: dict, tokens, dtype: str, mode: str, device: str, sync):
+    """The peer's train step as a callable: transformers' `LlamaForCausalLM` on model config `c` (a
+    `ModelConfig` as a dict), AdamW and clipping as ours, bf16 by autocast, eager or `torch.compile`."""
     import transformers
-    job = json.loads(job)
-    c, device = job["cfg"], job["device"]
-    sync = torch_setup(torch, device)
     hf_cfg = transformers.LlamaConfig(
         vocab_size=c["vocab_size"], hidden_size=c["embed_dim"], intermediate_size=c["mlp_dim"],
         num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
         head_dim=c["head_dim"], rms_norm_eps=c["norm_eps"], rope_theta=c["rope_theta"],
         tie_word_embeddings=c["tie_embeddings"], max_position_embeddings=4 * SEQ, attention_bias=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    fwd = torch.compile(model) if mode == "compile" else model
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss = fwd(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+    return step
+
+
+def _torch_worker(job: str) -> None:
+    import torch
+    job = json.loads(job)
+    c, device = job["cfg"], job["device"]
+    sync = torch_setup(torch, device)
     tokens = torch.tensor(_batch(M.ModelConfig.from_dict(c))["tokens"], dtype=torch.long, device=device)
     result = {"matmul_gflops": {d: torch_matmul_gflops(torch, device, d, job["repeats"], sync)
                                 for d in ("float32", "bfloat16")}}
     for mode in job["modes"]:
         for dtype in ("float32", "bfloat16"):
-            torch.manual_seed(0)
-            model = transformers.LlamaForCausalLM(hf_cfg).to(device).train()
-            opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-            fwd = torch.compile(model) if mode == "compile" else model
-
-            def step():
-                with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                    loss = fwd(input_ids=tokens, labels=tokens).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sync()
             try:
+                step = torch_train_step(torch, c, tokens, dtype, mode, device, sync)
                 step()  # compiles under torch.compile
                 result[f"{mode}_{dtype}"] = best_time(step, job["repeats"])
             except Exception as e:  # noqa: BLE001 - torch.compile needs a C++ toolchain; report, not crash
