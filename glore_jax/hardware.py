@@ -34,20 +34,22 @@ import sys
 
 import jax
 
-# XLA options for training on XLA:CPU. Its YNNPACK fusions ran this project's
-# float32 training matmuls at about half the speed of XLA's own dots (a
-# demo-model step: ~450 ms with them, ~400 ms without; its [5632, 128] x
-# [128, 384] products at ~105 against ~200 GFLOP/s), while the sampler's
-# decode loop is faster with them: they are off for float32 training only.
-CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-# bf16 training on a CPU that multiplies bf16 natively (AVX512-BF16, AMX): YNNPACK's
-# single-dot kernels are the only XLA:CPU path that keeps a bf16 x bf16 -> f32
-# dot in bf16; without them every bf16 dot runs in float32 after converting
-# both operands, and the bf16 step was slower than the float32 one (see
-# `models.layers.dense`, which puts every weight matmul and its gradient in
-# that form). A demo-model step on a 2-core AMD EPYC (2026-12-02, alternating in
-# one process): 215 -> 179 ms, against 200 ms in float32.
-CPU_TRAIN_OPTIONS_NATIVE_BF16 = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# XLA options for training on XLA:CPU: its defaults, which hand dots and
+# reductions (norms, softmax sums) to YNNPACK, except for bf16 where the CPU
+# emulates it. History: on 2026-11-30 YNNPACK's dots ran the float32 training
+# matmuls at half XLA's own speed ([5632, 128] x [128, 384] at ~105 against ~200
+# GFLOP/s), so float32 steps compiled with them off, and bf16 steps on CPUs
+# with AVX512-BF16 or AMX with YNNPACK's single dots only (the only XLA:CPU path
+# then that kept a bf16 x bf16 -> f32 dot in bf16; `models.layers.dense`). With
+# today's model code and jax, XLA's defaults beat both (`benchmarks/
+# train_options.py`, the demo model's step, two XLA devices, alternating,
+# 2026-12-04): 2-core AMD EPYC Zen 5, float32 1.05-1.11x over YNNPACK off (four
+# runs), bf16 1.05x over single dots (two runs); 2-core Xeon with AMX, 1.04x in
+# both dtypes (one run each; one XLA device: 1.00x). Most of the gain is the
+# reductions: XLA:CPU otherwise splits every sum into 32-wide reduce-windows
+# (its tree-reduction pass), ~12% of a float32 step's kernel time in
+# `benchmarks/step_profile.py`. Not measured on an AVX2-only CPU.
+CPU_TRAIN_OPTIONS_EMULATED_BF16 = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 # glibc's malloc hands large freed blocks back to the kernel and faults them in again, 4 KiB at a
@@ -130,11 +132,9 @@ def reexec_with_launch_env() -> None:
 
 def train_compiler_options(platform: str, dtype: str = "float32") -> dict[str, str] | None:
     """The train step's XLA options for a platform and compute dtype (None: XLA's defaults)."""
-    if platform != "cpu":
-        return None
-    if dtype == "bfloat16" and cpu_bf16_flags():
-        return dict(CPU_TRAIN_OPTIONS_NATIVE_BF16)
-    return dict(CPU_TRAIN_OPTIONS)
+    if platform == "cpu" and dtype == "bfloat16" and not cpu_bf16_flags():
+        return dict(CPU_TRAIN_OPTIONS_EMULATED_BF16)  # unchanged since 2026-12-02: not remeasured
+    return None
 
 
 # A data-parallel decode loop (`sampling.Sampler`, one loop per device) on a CPU host split into at

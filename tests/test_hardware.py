@@ -24,15 +24,14 @@ def test_auto_is_bf16_on_accelerators_and_f32_on_every_cpu():
     assert hardware.dtype_for("tpu") == hardware.dtype_for("gpu") == "bfloat16"
     assert hardware.dtype_for("cpu") == "float32"
     assert hardware.fastest_dtype() == "float32"  # the tests run on CPU, AMX or not
-    assert hardware.train_compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert hardware.train_compiler_options("cpu") is None  # XLA's defaults: YNNPACK dots and reductions
     assert hardware.train_compiler_options("tpu") is None
 
 
-def test_bf16_training_uses_ynnpack_dots_only_where_the_cpu_multiplies_bf16(monkeypatch):
+def test_bf16_training_uses_ynnpack_only_where_the_cpu_multiplies_bf16(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: ["avx512_bf16"])
-    assert hardware.train_compiler_options("cpu", "bfloat16") == {
-        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-    assert hardware.train_compiler_options("cpu", "float32") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert hardware.train_compiler_options("cpu", "bfloat16") is None
+    assert hardware.train_compiler_options("cpu", "float32") is None
     monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: [])  # AVX2 only: bf16 is emulated anyway
     assert hardware.train_compiler_options("cpu", "bfloat16") == {"xla_cpu_experimental_ynn_fusion_type": ""}
     assert hardware.train_compiler_options("gpu", "bfloat16") is None
