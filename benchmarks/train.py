@@ -51,12 +51,12 @@ def demo_model() -> M.ModelConfig:
     return M.preset(c.model.preset, vocab_size=round_vocab(c.data.tokenizer_vocab_size))
 
 
-def _batch(cfg, seed=0):
-    tokens = np.random.default_rng(seed).integers(3, cfg.vocab_size, (BATCH, SEQ)).astype(np.int32)
-    return {"tokens": tokens, "loss_mask": np.ones((BATCH, SEQ), np.float32),
-            "segment_ids": np.ones((BATCH, SEQ), np.int32),
-            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
-            "step_end_mask": np.zeros((BATCH, SEQ), np.float32), "step_labels": np.full((BATCH, SEQ), -1.0, np.float32)}
+def _batch(cfg, seed=0, seq=SEQ):
+    tokens = np.random.default_rng(seed).integers(3, cfg.vocab_size, (BATCH, seq)).astype(np.int32)
+    return {"tokens": tokens, "loss_mask": np.ones((BATCH, seq), np.float32),
+            "segment_ids": np.ones((BATCH, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (BATCH, seq)).copy(),
+            "step_end_mask": np.zeros((BATCH, seq), np.float32), "step_labels": np.full((BATCH, seq), -1.0, np.float32)}
 
 
 def jax_step_time(cfg, repeats: int) -> float:

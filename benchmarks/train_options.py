@@ -6,7 +6,7 @@
 `hardware.train_compiler_options` chooses the step's XLA:CPU options from
 measurements on the CPUs this project has run on (see its comments); a new
 CPU can rank them differently. This times the step that `benchmarks/train.py`
-times (the demo's model, 32 x 176 tokens, the same mesh) built with the
+times (the demo's model, 32 x 176 tokens or `--seq`, the same mesh) built with the
 project's own options ("project") and with each variant, which replaces them
 whole ({} = XLA's defaults), in alternating blocks: the fastest step of each
 block, the best block per variant. No torch here: compare a variant with the
@@ -31,7 +31,7 @@ from glore_jax.training import state as state_lib  # noqa: E402
 from glore_jax.training.config import TrainConfig  # noqa: E402
 
 
-def build(cfg, options: dict | None):
+def build(cfg, options: dict | None, seq: int = SEQ):
     """A warmed-up step (its options `options`, or the project's own when None), its state and batch."""
     t = TrainConfig(total_steps=10**6, batch_size=BATCH, grad_accum=1, learning_rate=3e-4, warmup_steps=0,
                     weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
@@ -43,7 +43,7 @@ def build(cfg, options: dict | None):
         step, state, mesh = state_lib.isolated_step(objectives.get("sft"), cfg, t, mesh=shd.make_mesh())
     finally:
         hardware.train_compiler_options = saved
-    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg).items()}
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg, seq=seq).items()}
     state, m = step(state, batch)  # compiles: an option this XLA lacks fails here, in `main`'s try
     jax.block_until_ready(m["loss"])
     return step, state, batch
@@ -54,6 +54,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--variants", required=True, help='JSON {"name": {xla option: value}}')
+    ap.add_argument("--seq", type=int, default=SEQ, help="tokens a row (the demo's refiners train at 256)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating blocks per variant")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per block")
     ap.add_argument("--out", default=None)
@@ -66,7 +67,7 @@ def main():
     built, errors = {}, {}
     for name, options in variants.items():
         try:
-            built[name] = build(cfg, options)
+            built[name] = build(cfg, options, args.seq)
         except Exception as e:  # noqa: BLE001 - an option this XLA lacks: report it, time the rest
             errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
     states = {n: [b[1]] for n, b in built.items()}
@@ -79,14 +80,14 @@ def main():
             best[name] = min(best[name], best_time(run, args.repeats))
     project = hardware.train_compiler_options(jax.devices()[0].platform, args.dtype)
     results = {**cpu_info(), "jax": jax.__version__, "devices": len(jax.devices()), "dtype": args.dtype,
-               "project_options": project, "variants": {n: v for n, v in variants.items() if v is not None},
-               "step_s": best, "tokens_per_s": {n: BATCH * SEQ / t for n, t in best.items()},
+               "batch": BATCH, "seq": args.seq, "project_options": project, "variants": {n: v for n, v in variants.items() if v is not None},
+               "step_s": best, "tokens_per_s": {n: BATCH * args.seq / t for n, t in best.items()},
                "speed_vs_project": {n: best["project"] / t for n, t in best.items()} if "project" in best else {},
                "errors": errors}
     print(f"{results['cpu']} ({results['cpu_count']} CPUs, {len(jax.devices())} devices), {args.dtype}; "
           f"project options {project}")
     for n, t in best.items():
-        print(f"{n:>20}: {t * 1e3:8.2f} ms  {BATCH * SEQ / t:>9,.0f} tok/s  {results['speed_vs_project'].get(n, 0):.3f}x")
+        print(f"{n:>20}: {t * 1e3:8.2f} ms  {BATCH * args.seq / t:>9,.0f} tok/s  {results['speed_vs_project'].get(n, 0):.3f}x")
     for n, e in errors.items():
         print(f"{n:>20}: failed: {e}")
     save(results, args.out)
