@@ -65,3 +65,34 @@ def test_the_torch_peer_runs_where_jax_runs_and_times_to_a_sync(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
     common.torch_setup(FakeTorch, "cpu")()
     assert FakeTorch.calls == [("threads", 3)]
+
+
+def test_step_profile_sorts_xla_cpu_kernels_into_kinds():
+    # The profile's verdict ("the gap is elementwise work, not matmuls") rests on these names: a matmul
+    # counted as a fusion, or a collective's waiting counted as work, would turn it around.
+    from benchmarks.step_profile import kind_of
+
+    custom = {"ynn_fusion.3"}
+    assert kind_of("dot.28", custom) == kind_of("dot_general.171", custom) == "matmul"
+    assert kind_of("ynn_fusion.3", custom) == "library fusion"
+    assert kind_of("wrapped_reduce-window.17", custom) == "reduce-window"
+    assert kind_of("subtract_exponential_fusion.4", custom) == "elementwise fusion"
+    assert kind_of("all-reduce.61", custom) == kind_of("all-gather.1", custom) == "collective (incl. waiting)"
+    assert kind_of("wrapped_multiply.14", custom) == "multiply"
+
+
+def test_train_options_variant_replaces_the_projects_options_for_its_own_step_only():
+    # A variant's options must reach the compiler (a bogus option fails there), and the swap must not leak
+    # into the steps built after it, or every later "project" row would time the variant.
+    import pytest
+
+    from benchmarks import train, train_options
+    from glore_jax import hardware
+
+    original = hardware.train_compiler_options
+    cfg = M.preset("tiny", vocab_size=256)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        train_options.build(cfg, {"xla_no_such_option": 1}, seq=16)
+    assert hardware.train_compiler_options is original
+    step, state, batch = train_options.build(cfg, None, seq=16)
+    assert batch["tokens"].shape == (train.BATCH, 16)
