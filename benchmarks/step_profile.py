@@ -12,7 +12,12 @@ self time per operator. The trace costs time itself, so compare shares, not
 these totals with `benchmarks/train.py`'s step times. On a CPU host split into
 several XLA devices, a kernel's time includes waiting for the shared thread
 pool, and collectives include waiting for the other device: one device
-(GLORE_JAX_CPU_DEVICES=1) attributes time more cleanly.
+(GLORE_JAX_CPU_DEVICES=1) attributes time more cleanly. Library fusions
+(YNNPACK's, XLA's default on CPU since 7c81038) run on a thread pool of their
+own, and their spans include its waits: on the Zen 5, one device, they made
+the traced kernel total 184 ms a step against 129 with them off, while the
+untraced step was 4.6% faster with them (`train_options.py`). Compare kinds
+within one option set, not across.
 """
 
 from __future__ import annotations
@@ -43,13 +48,14 @@ _NOT_KERNELS = ("ThunkExecutor", "$", "PjitFunction", "CommonPjRt", "Wait", "Han
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def kind_of(kernel: str, custom: set[str]) -> str:
-    """A kernel's kind from its HLO name (`custom`: the library fusions, e.g. YNNPACK's dots)."""
+def kind_of(kernel: str, custom: set[str], code: str = "") -> str:
+    """A kernel's kind from its HLO name (`custom`: the library fusions, e.g. YNNPACK's; `code`: the model
+    code it came from, the HLO's op_name, which tells a library fusion's dots from its reductions)."""
     base = re.sub(r"\.\d+$", "", kernel).removeprefix("wrapped_")
     if base.startswith(_COLLECTIVES):
         return "collective (incl. waiting)"
     if kernel in custom:
-        return "library fusion"
+        return "library matmul" if "dot_general" in code else "library reduction or other"
     if base.startswith(("dot", "convolution")):
         return "matmul"
     if "reduce-window" in base:
@@ -81,9 +87,9 @@ def jax_profile(cfg: M.ModelConfig, steps: int, top: int) -> dict:
             kernels[e["name"]] += e.get("dur", 0) / 1e3 / per
     kinds: collections.Counter = collections.Counter()
     for k, ms in kernels.items():
-        kinds[kind_of(k, custom)] += ms
+        kinds[kind_of(k, custom, where.get(k, ""))] += ms
     return {"ms_per_step_device": sum(kernels.values()), "by_kind": dict(kinds.most_common()),
-            "top": [{"kernel": k, "ms": ms, "kind": kind_of(k, custom), "code": where.get(k, "")}
+            "top": [{"kernel": k, "ms": ms, "kind": kind_of(k, custom, where.get(k, "")), "code": where.get(k, "")}
                     for k, ms in kernels.most_common(top)]}
 
 
