@@ -65,6 +65,22 @@ def kind_of(kernel: str, custom: set[str], code: str = "") -> str:
     return base
 
 
+def part_of(code: str) -> str:
+    """The part of the step a kernel's model code (its HLO op_name) belongs to; backward kernels carry
+    their forward op's name under `transpose(...)`, so each part counts its forward and backward."""
+    if "norm" in code:
+        return "norms"
+    if "/attn/" in code:
+        return "attention (its projections included)"
+    if "/mlp/" in code:
+        return "MLP"
+    if "lm_head" in code:
+        return "LM head"
+    if "jvp(" in code or "transpose(" in code:
+        return "other model code (embedding, loss)"
+    return "optimizer, clipping and the rest"
+
+
 def jax_profile(cfg: M.ModelConfig, steps: int, top: int) -> dict:
     step, state, batch = build(cfg, None)
     hlo = step.lower(state, batch).compile().as_text()
@@ -86,9 +102,13 @@ def jax_profile(cfg: M.ModelConfig, steps: int, top: int) -> dict:
         if e.get("ph") == "X" and not re.sub(r"^\[\d+\] ", "", e["name"]).startswith(_NOT_KERNELS):
             kernels[e["name"]] += e.get("dur", 0) / 1e3 / per
     kinds: collections.Counter = collections.Counter()
+    parts: collections.Counter = collections.Counter()
     for k, ms in kernels.items():
         kinds[kind_of(k, custom, where.get(k, ""))] += ms
+        if k in where:  # a kernel of the program, not a runtime span
+            parts[part_of(where[k])] += ms
     return {"ms_per_step_device": sum(kernels.values()), "by_kind": dict(kinds.most_common()),
+            "by_part": dict(parts.most_common()),
             "top": [{"kernel": k, "ms": ms, "kind": kind_of(k, custom, where.get(k, "")), "code": where.get(k, "")}
                     for k, ms in kernels.most_common(top)]}
 
@@ -143,6 +163,9 @@ def main():
           f"JAX kernels {p['ms_per_step_device']:.1f} ms a step and device (traced)")
     for kind, ms in p["by_kind"].items():
         print(f"  {ms:8.2f} ms  {kind}")
+    print("  by part of the step:")
+    for part, ms in p["by_part"].items():
+        print(f"  {ms:8.2f} ms  {part}")
     for r in p["top"]:
         print(f"  {r['ms']:8.2f} ms  {r['kernel'][:40]:40s} {r['kind'][:18]:18s} {r['code'][-60:]}")
     if args.torch:

@@ -97,3 +97,14 @@ def test_train_options_variant_replaces_the_projects_options_for_its_own_step_on
     assert hardware.train_compiler_options is original
     step, state, batch = train_options.build(cfg, None, seq=16)
     assert batch["tokens"].shape == (train.BATCH, 16)
+
+
+def test_step_profile_assigns_forward_and_backward_kernels_to_their_part():
+    from benchmarks.step_profile import part_of
+
+    assert part_of("jit(step)/jvp(LanguageModel)/backbone/closed_call/layers/attn/exp") == part_of(
+        "jit(step)/transpose(jvp(LanguageModel))/backbone/closed_call/layers/attn/nkms,nkmd->nksd/dot_general")
+    assert part_of("jit(step)/jvp(LanguageModel)/backbone/closed_call/layers/attn_norm/mul") == "norms"
+    assert part_of("jit(step)/transpose(jvp(LanguageModel))/backbone/closed_call/layers/mlp/transpose") == "MLP"
+    assert part_of("jit(step)/transpose(jvp(LanguageModel))/lm_head/transpose") == "LM head"
+    assert part_of("jit(step)/mul") == "optimizer, clipping and the rest"
