@@ -23,23 +23,16 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 import jax  # noqa: E402
 
 from benchmarks.common import best_time, cpu_info, save  # noqa: E402
-from benchmarks.train import BATCH, SEQ, _batch, demo_model  # noqa: E402
-from glore_jax import hardware, models as M, objectives  # noqa: E402
-from glore_jax import sharding as shd  # noqa: E402
+from benchmarks.train import BATCH, SEQ, demo_model, jax_step  # noqa: E402
+from glore_jax import hardware, models as M  # noqa: E402
 from glore_jax.models import layers  # noqa: E402
-from glore_jax.training import state as state_lib  # noqa: E402
-from glore_jax.training.config import TrainConfig  # noqa: E402
 
 FORMS = {"plain": layers._dense_grads, "views": layers._dense_grads_cpu}
 
 
 def build(cfg: M.ModelConfig, form: str):
     """A compiled step whose backward uses `form` on every platform, its state and batch, and XLA's FLOPs."""
-    t = TrainConfig(total_steps=10**6, batch_size=BATCH, grad_accum=1, learning_rate=3e-4, warmup_steps=0,
-                    weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
-                    max_to_keep=1, peak_tflops=0.0)
-    step, state, mesh = state_lib.isolated_step(objectives.get("sft"), cfg, t, mesh=shd.make_mesh())
-    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg).items()}
+    step, state, batch = jax_step(cfg)
     # `_dense_16bit_bwd` looks the default branch up by name when traced: swap it for this trace only.
     saved = layers._dense_grads
     layers._dense_grads = FORMS[form]

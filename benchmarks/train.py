@@ -59,14 +59,20 @@ def _batch(cfg, seed=0, seq=SEQ):
             "step_end_mask": np.zeros((BATCH, seq), np.float32), "step_labels": np.full((BATCH, seq), -1.0, np.float32)}
 
 
-def jax_step_time(cfg, repeats: int) -> float:
+def jax_step(cfg, seq: int = SEQ):
+    """(jitted step, state, batch on the mesh): the trainer's `sft` step for `cfg`, AdamW as the torch side's,
+    on the mesh the trainer builds by default: every device of this process (two on a multi-core CPU host
+    unless GLORE_JAX_CPU_DEVICES says otherwise, see `hardware`). The step compiles on its first call."""
     t = TrainConfig(total_steps=10**6, batch_size=BATCH, grad_accum=1, learning_rate=LR, warmup_steps=0,
                     weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
                     max_to_keep=1, peak_tflops=0.0)
-    # The mesh the trainer builds with the default config: every device of this process (two on a
-    # multi-core CPU host unless GLORE_JAX_CPU_DEVICES says otherwise, see `hardware`).
     step, state, mesh = state_lib.isolated_step(objectives.get("sft"), cfg, t, mesh=shd.make_mesh())
-    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg).items()}
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg, seq=seq).items()}
+    return step, state, batch
+
+
+def jax_step_time(cfg, repeats: int) -> float:
+    step, state, batch = jax_step(cfg)
     holder = [state]
 
     def run():
@@ -221,10 +227,11 @@ def main():
     print(f"{'dtype':>9} {'ours tok/s':>11} {'eager':>9} {'compile':>9} {'vs eager':>9} {'vs compile':>10} "
           f"{'of peak':>8}")
     for d, r in results["dtypes"].items():
-        fmt = lambda x, spec: format(x, spec) if x is not None else "n/a"  # noqa: E731
+        fmt = lambda x, spec: format(x, spec) if x is not None else "n/a".rjust(9)  # noqa: E731
+        ratio = lambda x, width: (f"{x:.2f}x" if x is not None else "n/a").rjust(width)  # noqa: E731
         print(f"{d:>9} {r['jax_tokens_per_s']:>11,.0f} {fmt(r['torch_eager_tokens_per_s'], '>9,.0f')} "
-              f"{fmt(r['torch_compile_tokens_per_s'], '>9,.0f')} {fmt(r['speedup_vs_torch_eager'], '>8.2f')}x "
-              f"{fmt(r['speedup_vs_torch_compile'], '>9.2f')}x {r['fraction_of_matmul_peak']:>7.1%}")
+              f"{fmt(r['torch_compile_tokens_per_s'], '>9,.0f')} {ratio(r['speedup_vs_torch_eager'], 9)} "
+              f"{ratio(r['speedup_vs_torch_compile'], 10)} {r['fraction_of_matmul_peak']:>7.1%}")
     if args.packing:
         print(f"demo SFT batches, non-pad share: {results['nonpad_fraction_before']:.1%} unpacked, "
               f"{results['nonpad_fraction_after']:.1%} packed ({results['examples_per_batch_before']:.0f} -> "

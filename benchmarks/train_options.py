@@ -24,26 +24,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 import jax  # noqa: E402
 
 from benchmarks.common import best_time, cpu_info, save  # noqa: E402
-from benchmarks.train import BATCH, SEQ, _batch, demo_model  # noqa: E402
-from glore_jax import hardware, objectives  # noqa: E402
-from glore_jax import sharding as shd  # noqa: E402
-from glore_jax.training import state as state_lib  # noqa: E402
-from glore_jax.training.config import TrainConfig  # noqa: E402
+from benchmarks.train import BATCH, SEQ, demo_model, jax_step  # noqa: E402
+from glore_jax import hardware  # noqa: E402
 
 
 def build(cfg, options: dict | None, seq: int = SEQ):
     """A warmed-up step (its options `options`, or the project's own when None), its state and batch."""
-    t = TrainConfig(total_steps=10**6, batch_size=BATCH, grad_accum=1, learning_rate=3e-4, warmup_steps=0,
-                    weight_decay=0.0, grad_clip=1.0, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=1,
-                    max_to_keep=1, peak_tflops=0.0)
     saved = hardware.train_compiler_options
     if options is not None:  # read once, when the step is built
         hardware.train_compiler_options = lambda platform, dtype="float32": dict(options)
     try:
-        step, state, mesh = state_lib.isolated_step(objectives.get("sft"), cfg, t, mesh=shd.make_mesh())
+        step, state, batch = jax_step(cfg, seq)
     finally:
         hardware.train_compiler_options = saved
-    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, 2)) for k, v in _batch(cfg, seq=seq).items()}
     state, m = step(state, batch)  # compiles: an option this XLA lacks fails here, in `main`'s try
     jax.block_until_ready(m["loss"])
     return step, state, batch
