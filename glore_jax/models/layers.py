@@ -8,18 +8,16 @@ compute dtype; norms, softmax and rotary phases stay in float32.
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glore_jax.models.attention_core import NEG_INF, attention_mask, causal_self_attention, joint_softmax
 from glore_jax.models.config import ModelConfig
 from glore_jax.sharding import constrain
 
 _INIT = nn.initializers.normal(stddev=0.02)
-_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -140,24 +138,6 @@ def apply_rope(x: jax.Array, rotary: tuple[jax.Array, jax.Array]) -> jax.Array:
     return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
-                   k_seg: jax.Array | None, sliding_window: int | None) -> jax.Array:
-    """[B, T, S] bool mask from token positions.
-
-    Causality is by position, not slot index: a key is visible iff it is a real
-    token (position >= 0) at or before the query's position (and in the same
-    packed segment, and inside the sliding window). Padding carries position -1.
-    This one rule serves training, ragged prefill and cached decode alike.
-    """
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (kp >= 0) & (kp <= qp)
-    if sliding_window is not None:
-        mask &= kp > qp - sliding_window
-    if q_seg is not None:
-        mask &= q_seg[:, :, None] == k_seg[:, None, :]
-    return mask
-
-
 def write_slots(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
     """`buf` with `new` written at `index` along `axis`, in place when XLA can.
 
@@ -174,65 +154,6 @@ def write_slots(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> 
     return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis)
 
 
-def joint_softmax(scores: list[jax.Array]) -> list[jax.Array]:
-    """Softmax over the last axis of the scores' concatenation, returned per part, without concatenating."""
-    if len(scores) == 1:
-        return [jax.nn.softmax(scores[0], axis=-1)]  # its custom gradient is cheaper than the general form's
-    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
-    unnormalised = [jnp.exp(s - top) for s in scores]
-    total = sum(jnp.sum(e, axis=-1, keepdims=True) for e in unnormalised)
-    return [e / total for e in unnormalised]
-
-
-def _scores_to_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B, KVH, G, T, D], k [B, KVH, D, S], mask [B, T, S] -> float32 probs [B, KVH, G, T, S]."""
-    b, kvh, g, t, d = q.shape
-    s = jnp.einsum("nkmd,nkds->nkms", q.reshape(b, kvh, g * t, d), k, preferred_element_type=jnp.float32)
-    s = jnp.where(mask[:, None, None], s.reshape(b, kvh, g, t, -1), _NEG_INF)
-    return jax.nn.softmax(s, axis=-1)
-
-
-@jax.custom_vjp
-def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q k + mask) v for training and prefill: q [B, KVH, G, T, D], k [B, KVH, D, S], v [B, KVH, S, D].
-
-    Returns float32 [B, KVH, G, T, D]. Why a hand-written gradient: the score
-    tensor [B, H, T, S] is the largest in the step (16-33 MB per layer on the
-    demo model, against 3-4 MB of activations), and autodiff's backward of
-    mask -> softmax -> matmul passes over it several times more than the
-    textbook form does (dS = P * (dP - rowsum(dO * O))). On XLA:CPU (2-core
-    Xeon) this cut the attention's own forward+backward by ~30% in isolation,
-    but the demo model's whole train step by only 1-4% (15.5k against 15.3k
-    tokens/s at 176 tokens, 13.3k against 12.8k at 256, alternating runs).
-    """
-    return _self_attention_fwd(q, k, v, mask)[0]
-
-
-def _self_attention_fwd(q, k, v, mask):
-    p = _scores_to_probs(q, k, mask)
-    b, kvh, g, t, d = q.shape
-    o = jnp.einsum("nkms,nksd->nkmd", p.reshape(b, kvh, g * t, -1).astype(v.dtype), v,
-                   preferred_element_type=jnp.float32).reshape(b, kvh, g, t, d)
-    return o, (q, k, v, p, o, mask)
-
-
-def _self_attention_bwd(res, do):
-    q, k, v, p, o, mask = res
-    b, kvh, g, t, d = q.shape
-    dt = v.dtype
-    rows = lambda x: x.reshape(b, kvh, g * t, x.shape[-1])  # noqa: E731
-    dv = jnp.einsum("nkms,nkmd->nksd", rows(p).astype(dt), rows(do).astype(dt), preferred_element_type=jnp.float32)
-    dp = jnp.einsum("nkmd,nksd->nkms", rows(do).astype(dt), v, preferred_element_type=jnp.float32)
-    delta = jnp.sum(do * o, axis=-1, keepdims=True)  # = rowsum(P * dP), read from the small tensors
-    # Masked slots get no gradient, as through `where`: a fully masked row (padding) has uniform P.
-    ds = jnp.where(mask[:, None, None], p * (dp.reshape(p.shape) - delta), 0.0)
-    dq = jnp.einsum("nkms,nkds->nkmd", rows(ds).astype(dt), k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("nkms,nkmd->nkds", rows(ds).astype(dt), rows(q), preferred_element_type=jnp.float32)
-    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-            np.zeros(mask.shape, jax.dtypes.float0))
-
-
-self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
 
 
 class Attention(nn.Module):
@@ -326,14 +247,14 @@ class Attention(nn.Module):
                                                   c.sliding_window)))
         if len(segments) == 1 and write_slot is None:
             # No cache (training, prefill): one segment, through the hand-differentiated core.
-            out = self_attention(queries, k.astype(dt), v.astype(dt), segments[0][2])
+            out = causal_self_attention(queries, k.astype(dt), v.astype(dt), segments[0][2])
         else:
             s_all = []
             for sk, _, mask in segments:
                 bs = sk.shape[0]
                 s = jnp.einsum("nkmd,nkds->nkms", rows_to_segment(queries, bs), sk.astype(dt),
                                preferred_element_type=jnp.float32)
-                s_all.append(jnp.where(mask[:, None, None], segment_to_rows(s, bs), _NEG_INF))
+                s_all.append(jnp.where(mask[:, None, None], segment_to_rows(s, bs), NEG_INF))
             out = 0.0
             for (_, sv, _), p in zip(segments, joint_softmax(s_all)):
                 bs = sv.shape[0]
