@@ -99,6 +99,19 @@ def test_train_options_variant_replaces_the_projects_options_for_its_own_step_on
     assert batch["tokens"].shape == (train.BATCH, 16)
 
 
+def test_train_options_query_block_reaches_the_trace_and_does_not_leak(monkeypatch):
+    from benchmarks import train_options
+    from glore_jax.models import attention_core
+
+    seen, edges = [], attention_core.query_block_edges
+    monkeypatch.setattr(attention_core, "query_block_edges",
+                        lambda t, block=None: seen.append(attention_core.QUERY_BLOCK) or edges(t, block))
+    before = attention_core.QUERY_BLOCK
+    train_options.build(M.preset("tiny", vocab_size=256), None, seq=16, query_block=5)
+    assert seen and set(seen) == {5}
+    assert attention_core.QUERY_BLOCK == before
+
+
 def test_step_profile_assigns_forward_and_backward_kernels_to_their_part():
     from benchmarks.step_profile import part_of
 
