@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu.sh OUT_DIR                                 # the GPU stages
 #   STAGES=train_quick_hostcpu_2cores bash benchmarks/gpu.sh OUT_DIR  # the host CPU, 2 cores
+#   STAGES=train_options_hostcpu_2cores bash benchmarks/gpu.sh OUT_DIR  # its float32 step's options
 #
 # Needs jax with CUDA, torch with CUDA, transformers and the project's own imports. The packing
 # figures are left out (`--no-packing`): they are a property of the data, measured on CPU hosts,
@@ -16,6 +17,12 @@ py=${PYTHON:-python3}
 # The torch peers run in child processes on the same GPU while this process holds its buffers:
 # JAX must not take 75% of the GPU's memory up front, as it does by default.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+
+two_cores() {  # two logical CPUs on distinct physical cores (or CPU_CORES=a,b), printed to the log
+  local cores=${CPU_CORES:-$(lscpu -p=CPU,CORE | grep -v '^#' | sort -t, -k2,2n -u | head -2 | cut -d, -f1 | paste -sd,)}
+  echo "host CPUs $cores: $(lscpu -p=CPU,CORE,SOCKET | grep -E "^(${cores/,/|}),")" >&2
+  echo "$cores"
+}
 
 stage() {  # NAME SECONDS COMMAND...: one benchmark run, its JSON at OUT/NAME.json
   local name=$1 secs=$2
@@ -47,10 +54,17 @@ torch.__version__, 'cuda', torch.cuda.is_available(), '| transformers', transfor
       # Two logical CPUs on distinct physical cores (CPU_CORES=a,b to choose), so that the two XLA
       # devices and torch's two threads do not share one core's units as hyperthread siblings.
       train_quick_hostcpu_2cores)
-        cores=${CPU_CORES:-$(lscpu -p=CPU,CORE | grep -v '^#' | sort -t, -k2,2n -u | head -2 | cut -d, -f1 | paste -sd,)}
-        echo "host CPUs $cores: $(lscpu -p=CPU,CORE,SOCKET | grep -E "^(${cores/,/|}),")"
+        cores=$(two_cores)
         JAX_PLATFORMS=cpu stage "$s" "${CPU_TRAIN_S:-240}" taskset -c "$cores" "$py" \
         benchmarks/train.py --quick --no-packing ;;
+      # The same cores, the float32 step under candidate options for that Xeon, alternating: 512-bit
+      # vectors for XLA's own (elementwise) kernels, where the Xeon profile found the gap; oneDNN's dots;
+      # and the attention as one query block (before 10c3d17).
+      train_options_hostcpu_2cores)
+        cores=$(two_cores)
+        JAX_PLATFORMS=cpu stage "$s" "${CPU_OPTIONS_S:-300}" taskset -c "$cores" "$py" \
+        benchmarks/train_options.py --dtype float32 --query_blocks 1000000 --variants \
+        '{"wide512": {"xla_cpu_prefer_vector_width": 512}, "onednn_dot": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}}' ;;
       # The 16-bit dense backward's two forms (plain products vs 3-D views) at 7B widths: see the script.
       dense_grads_7bwide_2layers) stage "$s" "${DENSE_S:-200}" "$py" benchmarks/dense_grads.py --preset llama2_7b \
         --layers 2 ;;
