@@ -116,3 +116,24 @@ def test_causal_query_blocks_leave_the_models_loss_and_gradient(monkeypatch):
     np.testing.assert_allclose(float(l4), float(l1), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g4), jax.tree_util.tree_leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * (float(jnp.max(jnp.abs(b))) + 1e-8))
+
+
+def test_causal_query_blocks_leave_the_prefill(monkeypatch):
+    """Right-padded prompts (padding at position -1): the same last-token logits and real slots' keys and values."""
+    from glore_jax.models.decoding import prefill
+
+    params = M.init_params(TINY, jax.random.key(0))
+    prompts = jax.random.randint(jax.random.key(3), (3, 11), 0, TINY.vocab_size)
+    lengths = jnp.asarray([11, 7, 4], jnp.int32)
+    monkeypatch.setattr(core, "QUERY_BLOCK", 10**6)
+    cache1, logits1 = prefill(TINY, params, prompts, lengths)
+    monkeypatch.setattr(core, "QUERY_BLOCK", 3)
+    cache4, logits4 = prefill(TINY, params, prompts, lengths)
+    np.testing.assert_allclose(np.asarray(logits4), np.asarray(logits1), atol=1e-5, rtol=1e-5)
+    real = np.arange(11)[None, :] < np.asarray(lengths)[:, None]  # [B, S]
+    for k1, k4 in zip(cache1.k[1:], cache4.k[1:]):  # layer 0's keys come before any attention
+        np.testing.assert_allclose(np.asarray(k4).transpose(0, 3, 1, 2)[real], np.asarray(k1).transpose(0, 3, 1, 2)[real],
+                                   atol=1e-5)
+    for v1, v4 in zip(cache1.v[1:], cache4.v[1:]):
+        np.testing.assert_allclose(np.asarray(v4).transpose(0, 2, 1, 3)[real], np.asarray(v1).transpose(0, 2, 1, 3)[real],
+                                   atol=1e-5)
