@@ -86,12 +86,12 @@ def test_causal_query_blocks_equal_one_block_on_real_tokens(t, block):
         return jnp.sum(fn(q, k, v, mask) * w)
 
     blocked = functools.partial(causal_self_attention, block=block)
-    out, ref = blocked(q, k, v, mask), self_attention(q, k, v, mask)
+    out, ref = jax.jit(blocked)(q, k, v, mask), jax.jit(self_attention)(q, k, v, mask)
     np.testing.assert_allclose(np.asarray(out)[np.broadcast_to(real_q[:, None, None, :, None], out.shape)],
                                np.asarray(ref)[np.broadcast_to(real_q[:, None, None, :, None], ref.shape)],
                                atol=1e-5, rtol=1e-5)
-    got = jax.grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(functools.partial(loss, self_attention), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(functools.partial(loss, blocked), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(functools.partial(loss, self_attention), argnums=(0, 1, 2)))(q, k, v)
     for name, a, e in zip("qkv", got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=1e-5, err_msg=f"d{name}")
 
@@ -109,10 +109,12 @@ def test_causal_query_blocks_leave_the_models_loss_and_gradient(monkeypatch):
         logits = M.apply(TINY, p, tokens, pos, seg, want_values=False).logits
         return jnp.sum(jnp.sum(logits ** 2, axis=-1) * weight) * 1e-3
 
+    # jit: eager dispatch of the model's small ops was most of this test's time. Each call traces a new
+    # function object, so each reads QUERY_BLOCK as it is set then.
     monkeypatch.setattr(core, "QUERY_BLOCK", 10**6)
-    l1, g1 = jax.value_and_grad(loss)(params)
+    l1, g1 = jax.jit(jax.value_and_grad(loss))(params)
     monkeypatch.setattr(core, "QUERY_BLOCK", 3)
-    l4, g4 = jax.value_and_grad(loss)(params)
+    l4, g4 = jax.jit(jax.value_and_grad(loss))(params)
     np.testing.assert_allclose(float(l4), float(l1), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g4), jax.tree_util.tree_leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * (float(jnp.max(jnp.abs(b))) + 1e-8))
@@ -125,10 +127,10 @@ def test_causal_query_blocks_leave_the_prefill(monkeypatch):
     params = M.init_params(TINY, jax.random.key(0))
     prompts = jax.random.randint(jax.random.key(3), (3, 11), 0, TINY.vocab_size)
     lengths = jnp.asarray([11, 7, 4], jnp.int32)
-    monkeypatch.setattr(core, "QUERY_BLOCK", 10**6)
-    cache1, logits1 = prefill(TINY, params, prompts, lengths)
+    monkeypatch.setattr(core, "QUERY_BLOCK", 10**6)  # (jit: as in the test above)
+    cache1, logits1 = jax.jit(functools.partial(prefill, TINY))(params, prompts, lengths)
     monkeypatch.setattr(core, "QUERY_BLOCK", 3)
-    cache4, logits4 = prefill(TINY, params, prompts, lengths)
+    cache4, logits4 = jax.jit(functools.partial(prefill, TINY))(params, prompts, lengths)
     np.testing.assert_allclose(np.asarray(logits4), np.asarray(logits1), atol=1e-5, rtol=1e-5)
     real = np.arange(11)[None, :] < np.asarray(lengths)[:, None]  # [B, S]
     for k1, k4 in zip(cache1.k[1:], cache4.k[1:]):  # layer 0's keys come before any attention
