@@ -102,7 +102,8 @@ FILE_SECONDS = {
     "test_onpolicy.py": 88, "test_packing.py": 45, "test_scoring.py": 35, "test_score.py": 40,
     "test_objectives.py": 39, "test_export.py": 29, "test_compile.py": 27, "test_malformed.py": 20,
     "test_rl.py": 16, "test_hardware.py": 15, "test_data.py": 12, "test_convert.py": 9,
-    # Not measured there: ~2x its 11 s on the Zen 5 alone (2026-12-04, its reference forwards jitted).
+    # Not measured there: ~2x their seconds on the Zen 5 alone after their reference forwards were jitted
+    # (2026-12-04): test_attention_core.py (here), test_packing.py and test_scoring.py (above).
     "test_attention_core.py": 25,
 }
 

@@ -37,10 +37,10 @@ def test_self_attention_gradient_matches_autodiff(dtype, tol):
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v, mask) * w)
 
-    out, ref = self_attention(q, k, v, mask), _autodiff_attention(q, k, v, mask)
+    out, ref = jax.jit(self_attention)(q, k, v, mask), jax.jit(_autodiff_attention)(q, k, v, mask)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol, rtol=tol)
-    got = jax.grad(functools.partial(loss, self_attention), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(functools.partial(loss, _autodiff_attention), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(functools.partial(loss, self_attention), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(functools.partial(loss, _autodiff_attention), argnums=(0, 1, 2)))(q, k, v)
     for name, a, e in zip("qkv", got, want):
         assert a.dtype == dtype, name
         scale = float(jnp.max(jnp.abs(e)))
