@@ -162,6 +162,17 @@ DECODE_PER_CORE_MAX_ROWS = 16
 # step (169.3 against 169.4 ms). Kernels that reduce in another order: logprobs move by ~2e-6
 # against the 256-bit program. Not measured on an AVX-512 Xeon; AVX2-only CPUs are unaffected.
 CPU_DECODE_WIDE_VECTOR_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+# A bf16 decode loop on a CPU with native bf16 (AVX512-BF16 or AMX) keeps YNNPACK's fusions (XLA's
+# default) in the per-core program: XLA's own dot emitter runs a bf16 x bf16 -> float32 product by
+# converting both operands, the whole weight included, to float32 at every step, while YNNPACK's
+# kernels multiply bf16 natively. On the 2-core Zen 5 EPYC (2026-12-04, demo preset, two devices,
+# 7 alternating rounds, call time without / with, fastest and median): batch 8 1.51x / 1.41x, batch
+# 32 1.22x / 1.23x, batch 64 1.23x / 1.25x with 32 new tokens, batch 32 1.16x / 1.19x with 128; the
+# same with Eigen's pool as well, 1.19x / 1.14x at batch 32. Float32 loops lose with YNNPACK there
+# (0.75x at batch 32), and where the CPU emulates bf16 the kernels have nothing native to use, so
+# both keep CPU_DECODE_PER_CORE_OPTIONS. bf16 kernels sum in another order: greedy tokens of a random
+# model parted from the other program's in 9-18% of its rows. Not measured on an AMX Xeon.
+CPU_DECODE_PER_CORE_NATIVE_BF16_OPTIONS = {"xla_cpu_multi_thread_eigen": False}
 # Loops of DECODE_PER_CORE_MAX_ROWS + 1 .. DECODE_GROUP_MAX_ROWS rows a device decode instead in
 # groups of DECODE_PER_CORE_MAX_ROWS rows a device, one group after another, each in the per-core
 # program (`Sampler.group_size`). Measured on the same Zen 5 after 365a647 (demo preset, two devices,
@@ -179,17 +190,20 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def decode_compiler_options(devices: list) -> dict[str, str | bool] | None:
+def decode_compiler_options(devices: list, dtype: str = "float32") -> dict[str, str | bool] | None:
     """XLA options for a data-parallel decode loop over `devices` with few rows each (None: XLA's defaults).
 
-    CPU_DECODE_PER_CORE_OPTIONS, plus CPU_DECODE_WIDE_VECTOR_OPTIONS on a CPU with AVX-512, where
-    `devices` are CPU devices, at least one per core; elsewhere (accelerators, or a few devices on a
-    many-core host, whose loops need the pool's threads) None.
+    CPU_DECODE_PER_CORE_OPTIONS (CPU_DECODE_PER_CORE_NATIVE_BF16_OPTIONS for a bfloat16 compute
+    `dtype` on a CPU with native bf16), plus CPU_DECODE_WIDE_VECTOR_OPTIONS on a CPU with AVX-512,
+    where `devices` are CPU devices, at least one per core; elsewhere (accelerators, or a few devices
+    on a many-core host, whose loops need the pool's threads) None.
     """
     if not devices or devices[0].platform != "cpu" or len(devices) < host_cores():
         return None
+    native_bf16 = str(dtype) == "bfloat16" and bool(cpu_bf16_flags())
+    per_core = CPU_DECODE_PER_CORE_NATIVE_BF16_OPTIONS if native_bf16 else CPU_DECODE_PER_CORE_OPTIONS
     wide = CPU_DECODE_WIDE_VECTOR_OPTIONS if "avx512f" in cpu_flags() else {}
-    return {**CPU_DECODE_PER_CORE_OPTIONS, **wide}
+    return {**per_core, **wide}
 
 
 @functools.lru_cache(maxsize=1)

@@ -141,7 +141,21 @@ def test_few_rows_per_device_decode_in_the_per_core_program_with_the_same_tokens
     assert hardware.decode_compiler_options([cpu] * 4) == {**hardware.CPU_DECODE_PER_CORE_OPTIONS,
                                                            "xla_cpu_prefer_vector_width": 512}
     assert hardware.decode_compiler_options([SimpleNamespace(platform="gpu")] * 8) is None
+    # bf16 loops keep YNNPACK's native bf16 kernels where the CPU has them; emulated bf16 and float32 do not.
+    assert hardware.decode_compiler_options([cpu] * 4, "bfloat16") == hardware.decode_compiler_options([cpu] * 4)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert hardware.decode_compiler_options([cpu] * 4, "bfloat16") == {
+        **hardware.CPU_DECODE_PER_CORE_NATIVE_BF16_OPTIONS, "xla_cpu_prefer_vector_width": 512}
+    assert "xla_cpu_experimental_ynn_fusion_type" not in hardware.decode_compiler_options([cpu] * 4, "bfloat16")
+    assert hardware.decode_compiler_options([cpu] * 4, "float32")["xla_cpu_experimental_ynn_fusion_type"] == ""
     monkeypatch.setattr(hardware, "cpu_flags", real_flags)
+    asked = []  # the sampler asks for its own compute dtype's options
+    real_options = hardware.decode_compiler_options
+    monkeypatch.setattr(hardware, "decode_compiler_options", lambda d, dtype: asked.append(dtype) or real_options(d, dtype))
+    S.Sampler(TINY.replace(dtype="bfloat16"), mesh=shd.make_mesh((8, 1, 1)))
+    S.Sampler(TINY, mesh=shd.make_mesh((8, 1, 1)))
+    assert asked == ["bfloat16", "float32"]
+    monkeypatch.setattr(hardware, "decode_compiler_options", real_options)
     monkeypatch.setattr(hardware, "host_cores", lambda: 8)  # the tests' 8 devices, one per core
     mesh = shd.make_mesh((2, 4, 1))
     sampler, spmd = S.Sampler(TINY, mesh=mesh), S.Sampler(TINY, mesh=mesh, independent_rows=False)
