@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu.sh OUT_DIR                                 # the GPU stages
 #   STAGES=train_quick_hostcpu_2cores bash benchmarks/gpu.sh OUT_DIR  # the host CPU, 2 cores
 #   STAGES=train_options_hostcpu_2cores bash benchmarks/gpu.sh OUT_DIR  # its float32 step's options
+#   STAGES=sampling_quick_hostcpu_2cores bash benchmarks/gpu.sh OUT_DIR  # its sampler, against HF and tunix
 #
 # Needs jax with CUDA, torch with CUDA, transformers and the project's own imports. The packing
 # figures are left out (`--no-packing`): they are a property of the data, measured on CPU hosts,
@@ -57,6 +58,12 @@ torch.__version__, 'cuda', torch.cuda.is_available(), '| transformers', transfor
         cores=$(two_cores)
         JAX_PLATFORMS=cpu stage "$s" "${CPU_TRAIN_S:-240}" taskset -c "$cores" "$py" \
         benchmarks/train.py --quick --no-packing ;;
+      # The sampler benchmark on the same cores, tunix included where it imports: decode on an AMX Xeon
+      # was last measured at f8582dd (1.30-1.41x HF), before the per-core loops (7502e5a-0736c33) and
+      # the bf16 loops' native kernels (3bdfb87), which reach AMX there.
+      sampling_quick_hostcpu_2cores)
+        cores=$(two_cores)
+        JAX_PLATFORMS=cpu stage "$s" "${CPU_SAMPLING_S:-300}" taskset -c "$cores" "$py" benchmarks/sampling.py --quick ;;
       # The same cores, the float32 step under candidate options for that Xeon, alternating: 512-bit
       # vectors for XLA's own (elementwise) kernels, where the Xeon profile found the gap; oneDNN's dots;
       # and the attention as one query block (before 10c3d17).
