@@ -9,7 +9,8 @@ float32, greedy, KV cache on, same batch and lengths). The headline
 32 and 64; a bf16-against-bf16 row at batch 32 is reported beside it
 (`decode_bf16`). Each figure is the
 fastest of several timed runs after a warm-up (compilation is excluded for
-JAX; HF has none), ours and HF alternating run by run. `transformers` runs in a child process: merely importing
+JAX; HF has none), ours and HF alternating run by run; each batch also gives the run-by-run pairs'
+speedup with a 95% interval (`paired_speedup_vs_hf`). `transformers` runs in a child process: merely importing
 torch in the JAX process slowed XLA:CPU decoding by up to 40% here (its
 OpenMP runtime competes with XLA's thread pool), which would flatter neither.
 Where JAX runs on a GPU, HF runs on the same GPU (`common.torch_setup`: float32 in
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -39,6 +41,7 @@ from glore_jax import hardware  # noqa: E402
 from glore_jax import models as M  # noqa: E402
 from glore_jax import sampling as S  # noqa: E402
 from glore_jax import sharding as shd  # noqa: E402
+from glore_jax.recipe.stats import mean_ci  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -95,8 +98,17 @@ def ours_decode(cfg, params, batch, prompt_len, new):
                                   stop=S.StopCondition()).tokens.block_until_ready()
 
 
+def paired_speedup(ratios) -> dict:
+    """Run-by-run speedups (HF's time over ours, each pair timed a second apart): their geometric mean and
+    its Student-t 95% interval, on log ratios. The headline ratio is fastest over fastest; this says how
+    far the pairs spread around it, which a ratio near a bar needs."""
+    mean, lo, hi = mean_ci(np.log(np.asarray(ratios, np.float64)))
+    return {"geomean": math.exp(mean), "ci95": [math.exp(lo), math.exp(hi)], "runs": len(ratios)}
+
+
 def bench_decode_vs_hf(cfg, params, hf_dir, cases, prompt_len, new, repeats) -> dict[tuple[int, str], tuple]:
-    """(ours, HF) decode tokens/s per (batch, dtype) case, the two alternating run by run.
+    """(ours, HF) decode tokens/s per (batch, dtype) case, the two alternating run by run, and the
+    pairs' speedups (`paired_speedup`).
 
     HF runs in a child process (see the module doc) that stays up and runs one
     `generate` per request, so each repeat times ours and then HF within a
@@ -122,7 +134,7 @@ def bench_decode_vs_hf(cfg, params, hf_dir, cases, prompt_len, new, repeats) -> 
         for batch, dtype in cases:
             ours = ours_decode(cfg.replace(dtype=dtype), params, batch, prompt_len, new)
             ours(), hf_once((batch, dtype))  # compile / warm up
-            best = [float("inf")] * 2
+            best, pairs = [float("inf")] * 2, []
             for _ in range(repeats):
                 # Each timed run follows an untimed one of its own side, not the other side's run: right
                 # after HF's child ran, our call took ~5% longer (its caches and cores just used by the
@@ -131,10 +143,12 @@ def bench_decode_vs_hf(cfg, params, hf_dir, cases, prompt_len, new, repeats) -> 
                 ours()
                 t0 = time.perf_counter()
                 ours()
-                best[0] = min(best[0], time.perf_counter() - t0)
+                t_ours = time.perf_counter() - t0
                 hf_once((batch, dtype))
-                best[1] = min(best[1], hf_once((batch, dtype)))
-            out[batch, dtype] = tuple(batch * new / t for t in best)
+                t_hf = hf_once((batch, dtype))
+                best = [min(best[0], t_ours), min(best[1], t_hf)]
+                pairs.append(t_hf / t_ours)
+            out[batch, dtype] = (batch * new / best[0], batch * new / best[1], paired_speedup(pairs))
     finally:
         worker.stdin.close()
         worker.wait()
@@ -300,6 +314,7 @@ def main():
         results["decode"][str(b)] = {"tokens_per_s": ours[b], "hf_tokens_per_s": hf[b, "float32"],
                                      "no_cache_tokens_per_s": nocache[b],
                                      "decode_speedup_vs_hf": ours[b] / hf[b, "float32"],
+                                     "paired_speedup_vs_hf": both[b, "float32"][2],
                                      "speedup_vs_no_cache": ours[b] / nocache[b]}
     # How close each side runs to this machine's float32 matmul rate, measured in this run (see
     # `weight_matmul_flops`): what bounds the speedup any sampler could reach over HF here.
@@ -342,12 +357,13 @@ def main():
     print(f"float32 matmul peak {results['matmul_peak_gflops_float32']:.0f} GFLOP/s; 'bound': the speedup over HF "
           f"that a sampler running every weight matmul at that peak, and nothing else, would show")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'no-cache':>10} {'vs HF':>7} {'of peak':>8} "
-          f"{'HF peak':>8} {'bound':>7}")
+          f"{'HF peak':>8} {'bound':>7}  pairs: geomean (95% CI)")
     for b, r in results["decode"].items():
+        pair = r["paired_speedup_vs_hf"]
         print(f"{b:>5} {r['tokens_per_s']:>11,.0f} {r['hf_tokens_per_s']:>10,.0f} "
               f"{r['no_cache_tokens_per_s']:>10,.0f} {r['decode_speedup_vs_hf']:>6.2f}x "
               f"{r['fraction_of_matmul_peak']:>8.0%} {r['hf_fraction_of_matmul_peak']:>8.0%} "
-              f"{r['max_speedup_vs_hf']:>6.2f}x")
+              f"{r['max_speedup_vs_hf']:>6.2f}x  {pair['geomean']:.2f}x ({pair['ci95'][0]:.2f}-{pair['ci95'][1]:.2f})")
     r = results["decode_bf16"]["32"]
     print(f"{'32 bf16':>5} {r['tokens_per_s']:>9,.0f} {r['hf_tokens_per_s']:>10,.0f} {'':>10} "
           f"{r['decode_speedup_vs_hf']:>6.2f}x")

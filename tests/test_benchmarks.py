@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from benchmarks.sampling import weight_matmul_flops
+from benchmarks.sampling import paired_speedup, weight_matmul_flops
 from glore_jax import models as M
 
 
@@ -17,6 +17,15 @@ def test_weight_matmul_flops_counts_every_weight_matrix_but_the_embedding_once_p
                    and a.ndim >= 2)
     batch, prompt, new = 3, 5, 4
     assert weight_matmul_flops(cfg, batch, prompt, new) == 2 * matrices * batch * (prompt + new - 1)
+
+
+def test_paired_speedup_is_the_geometric_mean_of_the_pairs_with_a_t_interval_on_their_logs():
+    same = paired_speedup([3.0, 3.0, 3.0])
+    assert same["runs"] == 3 and np.isclose(same["geomean"], 3.0) and np.allclose(same["ci95"], [3.0, 3.0])
+    two = paired_speedup([2.0, 4.5])  # logs ln 2 and ln 4.5: mean ln 3, sd |ln 2.25| / sqrt 2, t(1) = 12.706
+    half = 12.706 * abs(np.log(2.25)) / np.sqrt(2) / np.sqrt(2)
+    assert np.isclose(two["geomean"], 3.0)
+    np.testing.assert_allclose(two["ci95"], [3.0 * np.exp(-half), 3.0 * np.exp(half)], rtol=1e-3)
 
 
 def test_cpu_info_tells_cpu_generations_of_one_name_apart(monkeypatch):
