@@ -341,6 +341,7 @@ def main():
             # Against ours timed beside tunix, alternately (`tunix_peer.bench_decode`).
             results["decode"][str(b)]["decode_speedup_vs_tunix"] = (results["tunix"]["ours_tokens_per_s"][b]
                                                                     / results["tunix"]["tokens_per_s"][b])
+            results["decode"][str(b)]["paired_speedup_vs_tunix"] = paired_speedup(results["tunix"]["pair_speedups"][b])
         results["decode_speedup_vs_tunix"] = min(results["decode"][b]["decode_speedup_vs_tunix"] for b in ("32", "64"))
     results["decode_bf16"] = {"32": {"tokens_per_s": ours_bf16, "hf_tokens_per_s": hf[32, "bfloat16"],
                                      "decode_speedup_vs_hf": ours_bf16 / hf[32, "bfloat16"]}}
@@ -370,7 +371,9 @@ def main():
     if results["tunix"]:
         print(f"tunix sampler, same weights (greedy tokens agree: {results['tunix']['greedy_token_agreement']:.0%}): " +
               ", ".join(f"batch {b} {r['tunix_tokens_per_s']:,.0f} tok/s against ours "
-                        f"{results['tunix']['ours_tokens_per_s'][int(b)]:,.0f} ({r['decode_speedup_vs_tunix']:.2f}x)"
+                        f"{results['tunix']['ours_tokens_per_s'][int(b)]:,.0f} ({r['decode_speedup_vs_tunix']:.2f}x; pairs "
+                        f"{r['paired_speedup_vs_tunix']['geomean']:.2f}x, 95% CI {r['paired_speedup_vs_tunix']['ci95'][0]:.2f}-"
+                        f"{r['paired_speedup_vs_tunix']['ci95'][1]:.2f})"
                         for b, r in results["decode"].items()))
     if results["decode_layouts"]:
         print(f"decode layouts on {results['devices']} devices, tokens/s (interleaved): " + "; ".join(

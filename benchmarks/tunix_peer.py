@@ -55,7 +55,8 @@ def _model(hf_dir: str, cfg):
 def bench_decode(hf_dir: str, cfg, prompts: dict[int, np.ndarray], new: int, repeats: int,
                  ours_greedy: np.ndarray, ours: dict) -> dict:
     """{batch: tokens/s} for tunix's sampler and for `ours[batch]` (one call of our sampler on the same
-    prompts), timed alternately, plus how many greedy tokens match ours on the first batch."""
+    prompts), timed alternately, each pair's speedup (tunix's time over ours), and how many greedy
+    tokens match ours on the first batch."""
     from tunix.generate import sampler as ts
     model = _model(hf_dir, cfg)
     prompt_len = next(iter(prompts.values())).shape[1]
@@ -72,14 +73,18 @@ def bench_decode(hf_dir: str, cfg, prompts: dict[int, np.ndarray], new: int, rep
     first = next(iter(prompts))
     theirs = run(prompts[first])
     agree = float(np.mean(theirs[:, :ours_greedy.shape[1]] == ours_greedy))
-    result = {"greedy_token_agreement": agree, "tokens_per_s": {}, "ours_tokens_per_s": {}}
+    result = {"greedy_token_agreement": agree, "tokens_per_s": {}, "ours_tokens_per_s": {}, "pair_speedups": {}}
     for batch, toks in prompts.items():
         ours[batch](), run(toks)  # compile / warm up
-        best = [float("inf")] * 2
+        best, pairs = [float("inf")] * 2, []
         for _ in range(repeats):
-            for i, fn in enumerate((ours[batch], lambda: run(toks))):
+            times = []
+            for fn in (ours[batch], lambda: run(toks)):
                 t0 = time.perf_counter()
                 fn()
-                best[i] = min(best[i], time.perf_counter() - t0)
+                times.append(time.perf_counter() - t0)
+            best = [min(b, t) for b, t in zip(best, times)]
+            pairs.append(times[1] / times[0])
         result["ours_tokens_per_s"][batch], result["tokens_per_s"][batch] = (batch * new / t for t in best)
+        result["pair_speedups"][batch] = pairs
     return result
