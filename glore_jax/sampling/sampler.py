@@ -133,7 +133,8 @@ class Sampler:
                                                   compiler_options=options)
         self.advance = compile_advance(None)
         # Loops of few rows a device on a CPU host of one device per core run each device's kernels on its own
-        # thread (`hardware.CPU_DECODE_PER_CORE_OPTIONS`): data-parallel loops have no collective to wait on.
+        # thread, with options that depend on the compute dtype (`hardware.decode_compiler_options`):
+        # data-parallel loops have no collective to wait on.
         per_core = (hardware.decode_compiler_options(list(m.devices.flat), jnp.dtype(config.compute_dtype).name)
                     if self.independent_rows else None)
         self._advance_few_rows = compile_advance(per_core) if per_core else self.advance
