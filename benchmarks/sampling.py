@@ -69,17 +69,26 @@ def gsm8k_prefix_lengths(n: int) -> list[int]:
 
 
 def weight_matmul_flops(cfg, batch: int, prompt_len: int, new: int) -> float:
-    """The weight matmuls' FLOPs of one generate call: the prompt's tokens once (prefill), then new - 1 fed tokens.
+    """The weight matmuls' FLOPs that a generate call cannot skip: 2 x the weight matrices each token needs.
 
-    2 x (every weight matrix, the LM head included; not the embedding lookup
-    or the norms) per token. Attention, softmax, norms and sampling are left
-    out, so time = FLOPs / matmul peak is a lower bound for *any*
+    Every layer but the last runs at every prompt token; the last layer's keys
+    and values are needed at every prompt token, its query, out-projection and
+    MLP and the LM head only at the last one (whose logits choose the first new
+    token); then each of the new - 1 fed tokens runs every matrix, the LM head
+    included. Attention, softmax, norms, the embedding lookup and sampling are
+    left out, so time = FLOPs / matmul peak is a lower bound for *any*
     implementation on this machine, and HF time / that bound is an upper bound
-    on the speedup over HF that any sampler could show here.
+    on the speedup over HF that any sampler could show here. (Until 2026-12-04
+    every matrix counted at every prompt token, which a sampler need not do and
+    ours does not since fc740ca: 1.17x this count at 32 + 32 tokens, 1.06x at
+    32 + 128, so the `bound` and `of peak` columns read 1.17x low and high.)
     """
     c = cfg
-    matrices = c.num_params() - c.vocab_size * c.embed_dim - (2 * c.num_layers + 1) * c.embed_dim
-    return 2.0 * matrices * batch * (prompt_len + new - 1)
+    kv = 2 * c.embed_dim * c.num_kv_heads * c.head_dim
+    layer = c.embed_dim * c.head_dim * 2 * (c.num_heads + c.num_kv_heads) + 3 * c.embed_dim * c.mlp_dim
+    lm_head = c.embed_dim * c.vocab_size
+    prefill = prompt_len * ((c.num_layers - 1) * layer + kv) + (layer - kv) + lm_head
+    return 2.0 * batch * (prefill + (new - 1) * (c.num_layers * layer + lm_head))
 
 
 def _sampler(cfg, rows: int):

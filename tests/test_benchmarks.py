@@ -7,16 +7,25 @@ from benchmarks.sampling import paired_speedup, weight_matmul_flops
 from glore_jax import models as M
 
 
-def test_weight_matmul_flops_counts_every_weight_matrix_but_the_embedding_once_per_token():
+def test_weight_matmul_flops_counts_what_a_sampler_cannot_skip():
     cfg = M.preset("tiny")
     params = M.init_params(cfg, jax.random.key(0))
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    # Stacked layers are [L, ...]: a matrix there has 3+ dims; outside, 2. Norm scales are [L, E] or [E].
-    matrices = sum(int(np.prod(a.shape)) for path, a in leaves
-                   if "embedding" not in jax.tree_util.keystr(path) and "scale" not in jax.tree_util.keystr(path)
-                   and a.ndim >= 2)
+    layers = params["backbone"]["layers"]
+    size = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    # Stacked [L, ...] weights, by name: one layer's matrices, and the last layer's k and v.
+    attn, mlp = layers["attn"], layers["mlp"]
+    n = cfg.num_layers
+    layer = (size(attn) + size(mlp)) // n
+    kv = (size(attn["k"]) + size(attn["v"])) // n
+    lm_head = size(params["lm_head"])
     batch, prompt, new = 3, 5, 4
-    assert weight_matmul_flops(cfg, batch, prompt, new) == 2 * matrices * batch * (prompt + new - 1)
+    per_row = (prompt * ((n - 1) * layer + kv)      # every prompt token: every layer but the last, the last's k, v
+               + (layer - kv) + lm_head             # the last prompt token: the rest of the last layer, the logits
+               + (new - 1) * (n * layer + lm_head))  # each fed token: everything
+    assert weight_matmul_flops(cfg, batch, prompt, new) == 2 * batch * per_row
+    # Against counting every matrix at every token: less by the last layer's other prompt tokens and their logits.
+    everything = 2 * batch * (prompt + new - 1) * (n * layer + lm_head)
+    assert everything - weight_matmul_flops(cfg, batch, prompt, new) == 2 * batch * (prompt - 1) * (layer - kv + lm_head)
 
 
 def test_paired_speedup_is_the_geometric_mean_of_the_pairs_with_a_t_interval_on_their_logs():
