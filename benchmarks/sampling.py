@@ -365,7 +365,7 @@ def main():
           f"{results['device']}, {results['cpu']} (family {results.get('cpu_family')} model {results.get('cpu_model_id')}, {os.cpu_count()} CPUs, native bf16: {results['native_bf16']})")
     print(f"prefill: {results['prefill_tokens_per_s']:,.0f} tokens/s (batch 8 x 256)")
     print(f"float32 matmul peak {results['matmul_peak_gflops_float32']:.0f} GFLOP/s; 'bound': the speedup over HF "
-          f"that a sampler running every weight matmul at that peak, and nothing else, would show")
+          f"of a sampler that ran, at that peak, only the weight matmuls no sampler can skip")
     print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'no-cache':>10} {'vs HF':>7} {'of peak':>8} "
           f"{'HF peak':>8} {'bound':>7}  pairs: geomean (95% CI)")
     for b, r in results["decode"].items():
