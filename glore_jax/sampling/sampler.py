@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +46,7 @@ from glore_jax import sharding as shd
 from glore_jax.models import ModelConfig, param_shardings
 from glore_jax.models.decoding import (LAYER_K_AXES, LAYER_V_AXES, LayerCache, decode_step, decode_weights, prefill,
                                       split_layers)
+from glore_jax.sampling.kept import KeptForParams
 from glore_jax.sampling.state import SamplingState, StopCondition, phase_widths
 from glore_jax.sampling.strategy import SamplingStrategy, select
 
@@ -103,7 +103,7 @@ class Sampler:
         params = jax.tree_util.tree_map(lambda _: shd.replicated(m), trained) if self.independent_rows else trained
         self.param_shardings = params
         self._place = jax.jit(lambda p: p, in_shardings=(trained,), out_shardings=params)
-        self._decode_cache = None  # (treedef, weak refs to the params' leaves, their decode layout, entry id)
+        self._kept = KeptForParams()  # the decode layout of the params last called with (`_decode_params`)
         row, rows2 = shd.batch_sharding(m, 1, r), shd.batch_sharding(m, 2, r)
         per_layer = lambda axes: (shd.logical_sharding(axes, m, r),) * config.num_layers
         cache = LayerCache(k=per_layer(LAYER_K_AXES), v=per_layer(LAYER_V_AXES), pos=rows2)
@@ -116,6 +116,12 @@ class Sampler:
         self._cache_shardings, self._state_shardings = cache, state
 
         self.prefill = jax.jit(self._prefill, in_shardings=(params, rows2, row), out_shardings=(cache, rows2))
+        # Data-parallel samplers keep each layer's params split off the stacked ones (`_decode_params`),
+        # so that their prefill slices (on XLA:CPU, copies) no weight at every call; all replicated.
+        rep = shd.replicated(m)
+        self._prefill_split = jax.jit(self._prefill_with_layers, in_shardings=(rep, rep, rows2, row),
+                                      out_shardings=(cache, rows2))
+        self._split_layers = jax.jit(split_layers, out_shardings=rep)
         # Output shardings follow the input's: a cast keeps them, and taking
         # layer i of the unsharded 'layers' axis keeps the other axes' split.
         self.weights = jax.jit(functools.partial(decode_weights, config, split=split_weights),
@@ -153,10 +159,15 @@ class Sampler:
 
     # ----- the compiled programs -----
 
-    def _prefill(self, params, prompts: jax.Array, lengths: jax.Array) -> tuple[LayerCache, jax.Array]:
-        """prompts [B, P] right-padded, lengths [B] -> (prefix cache of P slots, last logits [B, V])."""
+    def _prefill(self, params, prompts: jax.Array, lengths: jax.Array, layers=None) -> tuple[LayerCache, jax.Array]:
+        """prompts [B, P] right-padded, lengths [B] -> (prefix cache of P slots, last logits [B, V]).
+
+        `layers`: each layer's params split off (`models.decoding.prefill`), or None to slice them here."""
         with shd.activation_rules(self.mesh, self.rules):
-            return prefill(self.config, params, prompts, lengths)
+            return prefill(self.config, params, prompts, lengths, layers)
+
+    def _prefill_with_layers(self, params, layers, prompts: jax.Array, lengths: jax.Array):
+        return self._prefill(params, prompts, lengths, layers)
 
     def _start(self, logits: jax.Array, lengths: jax.Array, row_ids: jax.Array, seed: jax.Array,
                limit: jax.Array, max_new: int, share: int, width: int, strategy: SamplingStrategy,
@@ -319,53 +330,38 @@ class Sampler:
                 for g in range(0, per_device, step)]
 
     def _decode_in_groups(self, params, prompts, lengths, row_ids, share, seed, max_new, strategy, stop, limit):
-        params, weights = self._decode_params(params)
+        run_prefill, weights = self._decode_params(params)
         groups = self._group_rows(prompts.shape[0], self.group_size(prompts.shape[0], share))
         states = []
         for chosen in groups:
             rows = (chosen[:, None] * share + np.arange(share)).reshape(-1)
             part = self.put_rows(prompts[chosen]), self.put_rows(lengths[chosen])
-            prefix, logits = self.prefill(params, *part)
+            prefix, logits = run_prefill(*part)
             states.append(self._run(weights, prefix, logits, part[1], share, self.put_rows(row_ids[rows]), seed,
                                     max_new, strategy, stop, limit))
         return states[0] if len(states) == 1 else self._join(states)
 
     def _decode_params(self, params):
-        """`params` in their decode layout, and the decode loop's weights made from them.
+        """The prefill bound to `params` in their decode layout, and the decode loop's weights made from them.
 
         Data-parallel decode gathers the fsdp-split weights onto every device and recasts and splits
         them per layer: 10.8 ms a call for the 3.7M `demo` preset on two CPU devices, 10-30% of a
         32-token call, while a pipeline stage samples hundreds of chunks with one set of params. So the
-        result is kept for the next call with the same leaves (the same objects, not equal values:
-        params are immutable arrays, and new training steps make new ones). Weak references hold the
-        leaves, and any leaf's death drops the kept copy, so it never outlives the caller's params.
-        Only data-parallel samplers keep it: their models are under REPLICATE_PARAMS_MAX_BYTES,
-        and their gather is the cost; a big sharded model's extra copy is not worth ~2 ms a call.
+        result is kept for the next call with the same params (`KeptForParams`), the prefill's layers
+        split off the stacked ones as well (`models.decoding.prefill`). Only data-parallel samplers keep
+        it: their models are under REPLICATE_PARAMS_MAX_BYTES, and their gather is the cost; a big
+        sharded model's extra copy is not worth ~2 ms a call.
         """
         if not self.independent_rows:
-            return params, self.weights(params)
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        kept = self._decode_cache
-        if kept is not None and kept[0] == treedef and all(r() is x for r, x in zip(kept[1], leaves, strict=True)):
-            return kept[2]
-        self._decode_cache = None
+            return functools.partial(self.prefill, params), self.weights(params)
+        return self._kept.get(params, self._decode_layout)
+
+    def _decode_layout(self, params):
         # One host copy of each replicated array for all the CPU devices (`shd.share_host_replicas`).
         placed = shd.share_host_replicas(self._place(params))
-        out = placed, shd.share_host_replicas(self.weights(placed))
-        me, entry = weakref.ref(self), object()
-
-        def drop(_):
-            # Only this entry's own copy: a callback of params replaced earlier may fire later.
-            sampler = me()
-            if sampler is not None and sampler._decode_cache is not None and sampler._decode_cache[3] is entry:
-                sampler._decode_cache = None
-
-        try:
-            refs = tuple(weakref.ref(x, drop) for x in leaves)
-        except TypeError:  # a leaf that takes no weak reference (a Python number): nothing kept
-            return out
-        self._decode_cache = (treedef, refs, out, entry)
-        return out
+        top = {**placed, "backbone": {k: v for k, v in placed["backbone"].items() if k != "layers"}}
+        layers = shd.share_host_replicas(self._split_layers(placed))
+        return functools.partial(self._prefill_split, top, layers), shd.share_host_replicas(self.weights(placed))
 
     def _run(self, weights, prefix, logits, lengths, share, row_ids, seed, max_new, strategy, stop, limit):
         if max_new < 1:
