@@ -294,9 +294,9 @@ def test_data_parallel_decode_reads_one_host_copy_of_the_weights(params, monkeyp
 def test_data_parallel_prefill_reads_the_kept_split_layers_and_slices_no_weight(params):
     """A data-parallel sampler's prefill reads the per-layer arrays it keeps (`Sampler._decode_params`).
 
-    On XLA:CPU each slice of a stacked weight is a copy at every call (a batch-64 prefill of the demo
-    preset took 29.9 against 27.6 ms): the kept layers' program must slice none, and give the stacked
-    params' prefix cache and logits bit for bit.
+    On XLA:CPU each slice of a stacked weight is a copy at every call (the demo preset's two group
+    prefills of a batch-64 call took 29.9 against 27.6 ms): the kept layers' program must slice none,
+    and give the stacked params' prefix cache and logits bit for bit.
     """
     import re
 

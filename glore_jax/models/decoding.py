@@ -132,10 +132,10 @@ def prefill(config: ModelConfig, params: Params, prompts: jax.Array, lengths: ja
     `layers`: each layer's params as arrays of their own (`split_layers`), for a
     caller that keeps them between calls; without them the layers are sliced
     from the stacked params here, and on XLA:CPU every slice is a copy of that
-    weight at every call: ~13% of the demo preset's traced prefill kernel time,
-    and a batch-64 call of 32-token prompts took 29.9 against 27.6 ms
-    (`sampling.Sampler` keeps them for data-parallel decode). The same numbers
-    either way, bit for bit.
+    weight at every call: ~13% of the demo preset's traced prefill kernel time;
+    the two group prefills of a batch-64 call of 32-token prompts took 29.9
+    against 27.6 ms (`sampling.Sampler` keeps them for data-parallel decode).
+    The same numbers either way, bit for bit.
     """
     if "lm" not in config.heads:
         raise ValueError(f"prefill needs an 'lm' head; config.heads={config.heads}")
