@@ -8,7 +8,8 @@ the same products through 3-D views on CPU (XLA:CPU's YNNPACK dots take no
 transposed operand). When TPU and GPU went back to the plain form (4ef192c),
 the AOT compile of LLaMA-2 7B for v5p began counting ~18% more step FLOPs and
 estimating an 8% slower step, while the two products alone were estimated
-faster plain: a question for real hardware. This builds the trainer's step
+faster plain: a question for real hardware (`benchmarks/dense_grads_aot.py` shows
+what the TPU compiler makes of each form, remat on and off). This builds the trainer's step
 twice, once with each form, and alternates timing them (fastest of each
 block, best block per form), with XLA's FLOP count for each compiled step.
 """

@@ -50,3 +50,21 @@ def test_unknown_topology_is_one_error_line():
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "v9z:7x7" in errors[0], proc.stderr[-2000:]
+
+
+def test_dense_grads_aot_compiles_each_backward_form_with_remat_as_asked(tmp_path):
+    """benchmarks/dense_grads_aot.py: the README's table of the two 16-bit backward forms under the TPU
+    compiler. Each form's remat program recomputes (more FLOPs than without remat), and the two forms are
+    two programs (the swap of `layers._dense_grads` reaches the trace)."""
+    out = tmp_path / "forms.json"
+    proc = subprocess.run([sys.executable, "benchmarks/dense_grads_aot.py", "--config=configs/smoke.py",
+                           "--topology=v5e:2x2", "--dtype=bfloat16", f"--out={out}"], cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    programs = json.loads(out.read_text())["programs"]
+    assert sorted(programs) == ["plain_remat_off", "plain_remat_on", "views_remat_off", "views_remat_on"]
+    flops = {name: p["cost"]["flops"] for name, p in programs.items()}
+    for form in ("plain", "views"):
+        assert flops[f"{form}_remat_on"] > 1.05 * flops[f"{form}_remat_off"] > 0
+        assert programs[f"{form}_remat_on"]["memory"]["peak"] > 0
+    assert flops["plain_remat_off"] != flops["views_remat_off"]
