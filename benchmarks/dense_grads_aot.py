@@ -1,7 +1,7 @@
 """The 16-bit dense backward's two forms in a TPU train step, compiled ahead of time on this machine.
 
     python benchmarks/dense_grads_aot.py --config=configs/gsm8k_llama2_7b.py --topology=v5p:2x2x2 \
-        --layers 1 --out dense_grads_aot.json
+        --layers 1 --out dense_grads_aot.json [--config.model.dtype=bfloat16 ...]
 
 `benchmarks/dense_grads.py` times the two forms on a GPU or TPU; this asks XLA's
 TPU compiler (libtpu, no TPU attached) what it makes of each, with the layers'
@@ -16,9 +16,7 @@ at any depth.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib.util
 import os
 import pathlib
 import sys
@@ -26,6 +24,8 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is described by libtpu, not attached
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from benchmarks.common import cpu_info, save  # noqa: E402
 from benchmarks.dense_grads import FORMS  # noqa: E402
@@ -50,42 +50,34 @@ def compiled_step(exp, topology: str, layers_n: int, remat: bool, form: str):
     return {"cost": aot.cost(compiled), "memory": aot.memory(compiled)}
 
 
-def load_config(path: str):
-    """`get_config()` of an experiment config file (as `--config=` loads it)."""
-    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+# --config, --topology and --out are `glore_jax.compile`'s own flags (defined when it is imported).
+_CONFIG, _TOPOLOGY, _OUT = aot._CONFIG, aot._TOPOLOGY, aot._OUT
+_LAYERS = flags.DEFINE_integer("layers", 1, "Layers of the compiled model.")
+_REMAT = flags.DEFINE_list("remat", ["on", "off"], "Remat settings to compile: on, off.")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="an experiment config file (e.g. configs/gsm8k_llama2_7b.py)")
-    ap.add_argument("--topology", required=True, help="e.g. v5p:2x2x2")
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--remat", default="on,off", help="comma-separated: on, off")
-    ap.add_argument("--dtype", default=None, help="the compute dtype (default: the config's); the forms differ "
-                    "only in 16-bit")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    config = load_config(args.config)
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    config = _CONFIG.value
     with config.unlocked():
-        config.workdir = config.workdir or "aot-compile"
-        config.model.dtype = args.dtype or config.model.dtype
+        config.workdir = config.workdir or "aot-compile"  # nothing is written: the experiment needs a name
     exp = train_config.experiment(config)
-    results = {**cpu_info(), "jax": jax.__version__, "config": args.config, "topology": args.topology,
-               "layers": args.layers, "dtype": config.model.dtype, "micro_batch": exp.train.batch_size // exp.train.grad_accum,
-               "seq_len": exp.data.max_len, "programs": {}}
-    for remat in args.remat.split(","):
+    results = {**cpu_info(), "jax": jax.__version__, "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+               "topology": _TOPOLOGY.value, "layers": _LAYERS.value, "dtype": config.model.dtype,
+               "micro_batch": exp.train.batch_size // exp.train.grad_accum, "seq_len": exp.data.max_len,
+               "programs": {}}
+    for remat in _REMAT.value:
         for form in FORMS:
-            r = compiled_step(exp, args.topology, args.layers, remat == "on", form)
+            r = compiled_step(exp, _TOPOLOGY.value, _LAYERS.value, remat == "on", form)
             results["programs"][f"{form}_remat_{remat}"] = r
             c, m = r["cost"], r["memory"]
             print(f"remat {remat:>3}, {form:>5}: XLA {c['flops'] / 1e12:8.3f} TFLOP, cost model "
                   f"{c['optimal_seconds'] * 1e3:8.2f} ms, peak {m['peak'] / 2**30:6.2f} GiB "
                   f"(temporaries {m['temp'] / 2**30:6.2f})", flush=True)
-    save(results, args.out)
+    save(results, _OUT.value or None)
 
 
 if __name__ == "__main__":
-    main()
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(main)

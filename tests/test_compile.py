@@ -58,7 +58,7 @@ def test_dense_grads_aot_compiles_each_backward_form_with_remat_as_asked(tmp_pat
     two programs (the swap of `layers._dense_grads` reaches the trace)."""
     out = tmp_path / "forms.json"
     proc = subprocess.run([sys.executable, "benchmarks/dense_grads_aot.py", "--config=configs/smoke.py",
-                           "--topology=v5e:2x2", "--dtype=bfloat16", f"--out={out}"], cwd=ROOT,
+                           "--topology=v5e:2x2", "--config.model.dtype=bfloat16", f"--out={out}"], cwd=ROOT,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     programs = json.loads(out.read_text())["programs"]
